@@ -1,0 +1,373 @@
+"""Plumbing shared by every model and script: data, image grids, checkpoints, seeding, device, logging.
+
+Nothing here knows about a particular model. Models live in their own files; train_script.py,
+visualization.py and random_generation.py find them through the one registry dict in train_script.py.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# The extensions torchvision's ImageFolder accepts, so a folder is read the same way here.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+DEFAULT_CACHE_DIR = Path(os.environ.get("GENLAB_CACHE", Path.home() / ".cache" / "genlab"))
+
+
+class UserError(Exception):
+    """A problem with the user's input: scripts print it as one line and exit with status 2."""
+
+
+def run_cli(main):
+    """Run `main()`; a UserError becomes `error: ...` on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def option(default, help):
+    """A Config field with its --help text: `lr: float = option(1e-3, "learning rate")`."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def add_config_flags(parser, config_cls, title):
+    """Every field of a Config dataclass becomes a flag: `encoding_dim` -> `--encoding-dim`."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if isinstance(f.default, bool):
+            group.add_argument(flag, dest=f.name, default=f.default, action=argparse.BooleanOptionalAction,
+                               help=f.metadata.get("help", ""))
+        elif isinstance(f.default, tuple):
+            group.add_argument(flag, dest=f.name, default=f.default, nargs="+", type=type(f.default[0]), help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, default=f.default, type=type(f.default), help=help_text)
+
+
+def config_from_args(config_cls, args):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ImageData:
+    """A whole dataset in memory. images: (N, C, H, W) uint8; labels: (N,) int64."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list
+    source: str
+
+    @property
+    def image_shape(self):
+        return tuple(self.images.shape[1:])
+
+
+def list_image_folder(root):
+    """Files and labels in the order torchvision's ImageFolder gives them.
+
+    Class sub-folders give labels (sorted by name, files sorted within each, searched recursively);
+    a folder with images but no class sub-folders is one class named after the folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data folder '{root}' does not exist; pass --data PATH to a folder of images, or --data shapes")
+    class_dirs = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    files, labels, class_names = [], [], []
+    for class_name in class_dirs:
+        found = []
+        for dirpath, _, filenames in sorted(os.walk(root / class_name, followlinks=True)):
+            found += [Path(dirpath) / f for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if found:
+            labels += [len(class_names)] * len(found)
+            class_names.append(class_name)
+            files += found
+    if not files:  # flat layout: the images sit in the folder itself
+        files = [root / f for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        labels = [0] * len(files)
+        class_names = [root.resolve().name]
+    if not files:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in '{root}'; "
+                        "put images in it (or in one sub-folder per class)")
+    return files, labels, class_names
+
+
+def _to_rgb(img):
+    """Any PIL mode to RGB; transparent pixels are composited onto white."""
+    if img.mode in ("RGBA", "LA", "P", "PA") or "transparency" in img.info:
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def _decode(path, image_size, channels):
+    """One file to a (C, S, S) uint8 array; resize to S x S as torchvision's Resize((S, S)) does on PIL."""
+    with Image.open(path) as img:
+        img.load()
+        img = _to_rgb(img) if channels == 3 else _to_rgb(img).convert("L")
+        # PIL's bilinear filter is antialiased when shrinking (its support widens with the scale).
+        img = img.resize((image_size, image_size), Image.BILINEAR)
+        array = np.asarray(img, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def _is_grayscale(path):
+    with Image.open(path) as img:
+        return img.mode in GRAYSCALE_MODES
+
+
+def _cache_key(root, files, image_size, channels):
+    digest = hashlib.sha256(f"{Path(root).resolve()}|{image_size}|{channels}".encode())
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f}|{stat.st_mtime_ns}|{stat.st_size}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def load_image_folder(root, image_size=24, channels=None, cache_dir=DEFAULT_CACHE_DIR, quiet=False):
+    """Decode a folder once and keep it in memory; the decoded arrays are cached on disk.
+
+    The cache key covers the folder's file list, mtimes and sizes, the image size and channels,
+    so a changed folder is decoded again and an unchanged one is never decoded twice.
+    """
+    files, labels, class_names = list_image_folder(root)
+    if channels is None:  # 1 channel only when every image is grayscale
+        channels = 1 if all(_is_grayscale(f) for f in files) else 3
+    if channels not in (1, 3):
+        raise UserError(f"--channels must be 1 or 3, got {channels}")
+    cache_file = Path(cache_dir) / f"{_cache_key(root, files, image_size, channels)}.npz"
+    if cache_file.exists():
+        cached = np.load(cache_file)
+        return ImageData(torch.from_numpy(cached["images"]), torch.from_numpy(cached["labels"]),
+                         json.loads(str(cached["class_names"])), str(root))
+    arrays, kept_labels, failed = [], [], []
+    for path, label in zip(files, labels):
+        try:
+            arrays.append(_decode(path, image_size, channels))
+            kept_labels.append(label)
+        except (OSError, ValueError, SyntaxError):
+            failed.append(path.name)
+    if failed:
+        warnings.warn(f"skipped {len(failed)} unreadable image file(s) in '{root}' (e.g. {failed[0]})", stacklevel=2)
+    if not arrays:
+        raise UserError(f"none of the {len(files)} image files in '{root}' could be read")
+    images = np.ascontiguousarray(np.stack(arrays))  # (N, C, H, W) in row-major order, as the cache gives it
+    label_array = np.asarray(kept_labels, dtype=np.int64)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=cache_file.parent, suffix=".npz", delete=False) as tmp:
+        np.savez(tmp, images=images, labels=label_array, class_names=json.dumps(class_names))
+    os.replace(tmp.name, cache_file)
+    return ImageData(torch.from_numpy(images), torch.from_numpy(label_array), class_names, str(root))
+
+
+SHAPE_NAMES = ("circle", "square", "triangle")
+SHAPE_COLOURS = {"red": (220, 50, 47), "green": (60, 170, 60), "blue": (38, 110, 210)}
+
+
+def make_shapes(n=3000, image_size=24, channels=3, seed=0, supersample=4):
+    """The built-in dataset: one coloured shape per image, 9 classes (3 shapes x 3 colours).
+
+    Deterministic from `seed`. Size, position, rotation, colour shade and the light background
+    vary; shapes are drawn at `supersample` times the size and shrunk, which antialiases the edges.
+    """
+    rng = np.random.default_rng(seed)
+    big = image_size * supersample
+    class_names = [f"{colour}_{shape}" for colour in SHAPE_COLOURS for shape in SHAPE_NAMES]
+    images, labels = [], []
+    for i in range(n):
+        label = i % len(class_names)
+        colour = np.array(SHAPE_COLOURS[class_names[label].split("_")[0]])
+        shape = SHAPE_NAMES[label % len(SHAPE_NAMES)]
+        background = tuple(int(v) for v in rng.integers(215, 250) + rng.integers(-8, 9, size=3))
+        fill = tuple(int(v) for v in np.clip(colour + rng.integers(-25, 26, size=3), 0, 255))
+        radius = rng.uniform(0.18, 0.38) * big
+        cx, cy = rng.uniform(radius, big - radius, size=2)
+        angle = rng.uniform(0, 2 * math.pi)
+        img = Image.new("RGB", (big, big), background)
+        draw = ImageDraw.Draw(img)
+        if shape == "circle":
+            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
+        else:
+            corners = 4 if shape == "square" else 3
+            r = radius * (1.15 if shape == "triangle" else 1.0)
+            draw.polygon([(cx + r * math.cos(angle + 2 * math.pi * k / corners),
+                           cy + r * math.sin(angle + 2 * math.pi * k / corners)) for k in range(corners)], fill=fill)
+        img = img.resize((image_size, image_size), Image.LANCZOS)
+        if channels == 1:
+            img = img.convert("L")
+        array = np.asarray(img, dtype=np.uint8)
+        images.append(array[None] if channels == 1 else array.transpose(2, 0, 1))
+        labels.append(label)
+    return ImageData(torch.from_numpy(np.ascontiguousarray(np.stack(images))), torch.tensor(labels, dtype=torch.int64),
+                     class_names, "shapes")
+
+
+def load_data(data, image_size=24, channels=None, cache_dir=DEFAULT_CACHE_DIR):
+    """`--data`: the word 'shapes' (built in) or a folder of images."""
+    if data == "shapes":
+        return make_shapes(image_size=image_size, channels=channels or 3)
+    return load_image_folder(data, image_size, channels, cache_dir)
+
+
+def split_indices(n, seed=0, train_fraction=0.8):
+    """The NN Lab split: `torch.manual_seed(seed)` then `random_split(ds, [int(0.8 n), n - int(0.8 n)])`.
+
+    random_split draws `randperm(n)` from the default generator; a fresh generator with the same
+    seed draws the same permutation, without touching the global RNG.
+    """
+    n_train = int(train_fraction * n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:n_train], perm[n_train:]
+
+
+def to_float(images):
+    """uint8 (B, C, H, W) to float in [0, 1]."""
+    return images.float().div_(255)
+
+
+def iterate_batches(images, labels, batch_size, generator=None, flip=False, shuffle=True):
+    """Batches (float images in [0, 1], labels) straight from in-memory tensors.
+
+    With `flip`, each image is mirrored left-right with probability 1/2.
+    """
+    n = images.shape[0]
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        x = to_float(images[idx])
+        if flip:
+            mirror = torch.rand(len(idx), generator=generator) < 0.5
+            x[mirror] = x[mirror].flip(-1)
+        yield x, labels[idx]
+
+
+# ----------------------------------------------------------------------------------------------
+# Image grids (what torchvision's make_grid / save_image did)
+# ----------------------------------------------------------------------------------------------
+
+def make_grid(images, nrow=8, padding=2, pad_value=1.0):
+    """(B, C, H, W) floats in [0, 1] to one (C, H', W') image, `nrow` images per row."""
+    b, c, h, w = images.shape
+    ncol = min(nrow, b)
+    nrows = math.ceil(b / ncol)
+    grid = torch.full((c, nrows * (h + padding) + padding, ncol * (w + padding) + padding), pad_value)
+    for i in range(b):
+        r, col = divmod(i, ncol)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, top:top + h, left:left + w] = images[i].clamp(0, 1)
+    return grid
+
+
+def grid_to_pil(grid, scale=1):
+    array = (grid.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    img = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+def save_image_grid(images, path, nrow=8, scale=4):
+    """Save (B, C, H, W) floats in [0, 1] as one PNG; small images are scaled up (nearest) to be visible."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid_to_pil(make_grid(images.detach().cpu().float(), nrow), scale).save(path)
+    return path
+
+
+def comparison_grid(rows, nrow=8):
+    """Stack several equal-length batches as blocks of rows: e.g. originals above reconstructions."""
+    return torch.cat([make_grid(r.detach().cpu().float(), nrow) for r in rows], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def save_checkpoint(state, path):
+    """Write atomically: a temporary file in the same folder, then rename, so a crash never leaves a broken file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """Load with `weights_only=True`: checkpoints hold tensors and plain Python types only."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' not found; train first (python train_script.py --model ...) "
+                        "or pass --checkpoint PATH")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which, not a traceback
+        raise UserError(f"'{path}' is not a readable genlab checkpoint ({type(err).__name__})") from err
+
+
+def config_from_dict(config_cls, values):
+    """Rebuild a Config dataclass from a checkpoint, ignoring fields the class no longer has."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in values.items() if k in names})
+
+
+def rng_state():
+    return {"python": list(random.getstate()[1]), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state):
+    random.setstate((3, tuple(state["python"]), None))
+    torch.set_rng_state(state["torch"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeding, device, logging
+# ----------------------------------------------------------------------------------------------
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for but CUDA is not available; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps asked for but MPS is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def tensorboard_writer(log_dir):
+    """A TensorBoard SummaryWriter (imported here so scripts that do not log never import tensorboard)."""
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir=str(log_dir))

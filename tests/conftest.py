@@ -1,0 +1,39 @@
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))
+
+
+def write_image_folder(root, per_class=6, size=20, classes=("a", "b"), seed=0):
+    """A small class-folder dataset of random RGB PNGs."""
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Decoded-data caches go to a temporary folder, never the user's ~/.cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("GENLAB_CACHE", str(cache))
+    import common
+    monkeypatch.setattr(common, "DEFAULT_CACHE_DIR", cache)
+    return cache
+
+
+def run_script(script, *args, cwd, timeout=300):
+    """Run one of the repository's scripts as a user would, in `cwd`."""
+    import subprocess
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,130 @@
+"""The training loop: checkpoints, resume equivalence, early stopping, Ctrl-C, NaN, bad input."""
+import pytest
+import torch
+
+import common
+import train_script
+from common import UserError
+from conftest import write_image_folder
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    return write_image_folder(tmp_path / "data", per_class=20, size=16, classes=("x", "y"))
+
+
+def train(tmp_path, data, *flags):
+    argv = ["--data", str(data), "--image-size", "8", "--batch-size", "8",
+            "--models-dir", str(tmp_path / "models"), "--log-dir", str(tmp_path / "log"), *map(str, flags)]
+    return train_script.train(argv)
+
+
+def test_checkpoint_round_trip_rebuilds_the_model_from_the_file_alone(tmp_path, tiny_data):
+    model, _ = train(tmp_path, tiny_data, "--model", "VAE", "--epochs", "2", "--latent-dim", "16")
+    path = tmp_path / "models" / "Last_VAE.pth"
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("model", "config", "train_args", "image_shape", "class_names", "model_state", "optimizer_states",
+                "scheduler_states", "epoch", "best_metric", "bad_validations", "rng", "history"):
+        assert key in ckpt
+    assert ckpt["config"] == {"latent_dim": 16, "beta": 1.0} and ckpt["image_shape"] == [3, 8, 8]
+    assert ckpt["class_names"] == ["x", "y"] and ckpt["epoch"] == 2 and len(ckpt["history"]) == 2
+    rebuilt, _ = train_script.load_model(path, "VAE")
+    model.eval(), rebuilt.eval()
+    x = torch.rand(4, 3, 8, 8)
+    assert torch.equal(model.reconstruct(x), rebuilt.reconstruct(x))
+    with pytest.raises(UserError, match="holds a VAE model, not AE"):
+        train_script.load_model(path, "AE")
+
+
+@pytest.mark.parametrize("name", ["VAE", "MLPAE"])
+def test_resume_gives_the_same_weights_as_one_straight_run(tmp_path, tiny_data, name):
+    straight, _ = train(tmp_path / "a", tiny_data, "--model", name, "--epochs", "4", "--flip", "--lr-decay", "0.5",
+                        "--lr-decay-every", "1")
+    train(tmp_path / "b", tiny_data, "--model", name, "--epochs", "2", "--flip", "--lr-decay", "0.5",
+          "--lr-decay-every", "1")
+    resumed, _ = train(tmp_path / "b", tiny_data, "--model", name, "--epochs", "4", "--resume")
+    for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
+    a = torch.load(tmp_path / "a" / "models" / f"Last_{name}.pth", weights_only=True)
+    b = torch.load(tmp_path / "b" / "models" / f"Last_{name}.pth", weights_only=True)
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+
+
+def test_resume_refuses_a_changed_setting(tmp_path, tiny_data):
+    train(tmp_path, tiny_data, "--model", "MLPAE", "--epochs", "1")
+    with pytest.raises(UserError, match="--image-size"):
+        train(tmp_path, tiny_data, "--model", "MLPAE", "--epochs", "2", "--resume", "--image-size", "12")
+    with pytest.raises(UserError, match="not found"):
+        train(tmp_path, tiny_data, "--model", "AE", "--epochs", "2", "--resume")
+
+
+def test_early_stopping_counts_validations_without_improvement(tmp_path, tiny_data, capsys):
+    train(tmp_path, tiny_data, "--model", "MLPAE", "--epochs", "10", "--lr", "0", "--patience", "2")
+    out = capsys.readouterr().out
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 3 and "*best*" in epochs[0] and "early stop" in out
+
+
+def test_stdout_has_one_parsable_line_per_epoch(tmp_path, tiny_data, capsys):
+    train(tmp_path, tiny_data, "--model", "MLPAE", "--epochs", "3", "--val-every", "2")
+    lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
+    assert len(lines) == 3
+    for n, line in enumerate(lines, 1):
+        tokens = line.split()
+        assert tokens[:2] == ["epoch", str(n)] and tokens[2] == "train_loss" and float(tokens[3]) > 0
+        assert ("val_loss" in tokens) == (n in (2, 3))  # every 2nd epoch and the last
+        assert "lr" in tokens and tokens[-1].endswith("s") or tokens[-1] == "*best*"
+
+
+def test_nan_loss_stops_with_an_error_and_keeps_best(tmp_path, tiny_data, monkeypatch, capsys):
+    train(tmp_path, tiny_data, "--model", "MLPAE", "--epochs", "1")
+    best, last = tmp_path / "models" / "Best_MLPAE.pth", tmp_path / "models" / "Last_MLPAE.pth"
+    saved = best.read_bytes(), last.read_bytes()
+    import mlp_ae
+    monkeypatch.setattr(mlp_ae.Autoencoder, "loss", lambda self, x, y=None, generator=None:
+                        {"loss": (self(x) * float("nan")).mean()})
+    with pytest.raises(SystemExit) as exit_info:
+        train(tmp_path, tiny_data, "--model", "MLPAE", "--epochs", "3", "--resume")
+    assert exit_info.value.code == 1
+    assert "training loss became nan" in capsys.readouterr().err
+    assert (best.read_bytes(), last.read_bytes()) == saved
+
+
+def test_ctrl_c_saves_last_and_exits(tmp_path, tiny_data, monkeypatch, capsys):
+    calls = {"n": 0}
+    real_step = train_script.gradient_step
+
+    def interrupted_step(*args):
+        calls["n"] += 1
+        if calls["n"] == 8:  # during the 2nd epoch (5 batches per epoch)
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(train_script, "gradient_step", interrupted_step)
+    with pytest.raises(SystemExit) as exit_info:
+        train(tmp_path, tiny_data, "--model", "MLPAE", "--epochs", "5")
+    assert exit_info.value.code == 130 and "interrupted" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "models" / "Last_MLPAE.pth", weights_only=True)
+    assert ckpt["epoch"] == 1
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pth"
+    common.save_checkpoint({"a": torch.ones(2)}, path)
+    before = path.read_bytes()
+
+    def crash(obj, f):
+        with open(f, "wb") as handle:
+            handle.write(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(RuntimeError):
+        common.save_checkpoint({"a": torch.zeros(2)}, path)
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.pth").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="not a readable genlab checkpoint"):
+        train_script.load_model(tmp_path / "bad.pth")

@@ -1,0 +1,73 @@
+"""Look at a trained model: `python visualization.py --model AE`.
+
+Writes, from models/Best_<MODEL>.pth alone:
+  vis/train_<MODEL>.png, vis/valid_<MODEL>.png  originals (top block) above reconstructions (bottom block)
+  vis/loss_<MODEL>.png                          train and validation loss per epoch, from the checkpoint's history
+"""
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no window
+import matplotlib.pyplot as plt
+import torch
+
+import common
+from train_script import MODELS, load_model
+
+
+def plot_history(history, title, path):
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train")
+    validated = [h for h in history if h["val_loss"] is not None]
+    ax.plot([h["epoch"] for h in validated], [h["val_loss"] for h in validated], "o-", label="validation")
+    ax.set(xlabel="epoch", ylabel="loss", title=title, yscale="log" if min(h["train_loss"] for h in history) > 0 else "linear")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def save_reconstructions(model, images, path, device):
+    x = common.to_float(images).to(device)
+    grid = common.comparison_grid([x, model.reconstruct(x)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    common.grid_to_pil(grid, scale=4).save(path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--model", required=True, choices=list(MODELS))
+    parser.add_argument("--checkpoint", default=None, help="default: models/Best_<MODEL>.pth")
+    parser.add_argument("--data", default=None, help="images to reconstruct (default: the data the model was trained on)")
+    parser.add_argument("--n", type=int, default=16, help="images per picture (default: 16)")
+    parser.add_argument("--out-dir", default="vis")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    args = parser.parse_args()
+    device = common.pick_device(args.device)
+    model, ckpt = load_model(args.checkpoint or f"models/Best_{args.model}.pth", args.model, device)
+    model.eval()
+    out = Path(args.out_dir)
+    written = []
+    if hasattr(model, "reconstruct"):
+        train_args = ckpt["train_args"]
+        channels = ckpt["image_shape"][0]
+        data = common.load_data(args.data or train_args["data"], ckpt["image_shape"][1], channels)
+        train_idx, val_idx = common.split_indices(len(data.images), train_args["seed"])
+        for split, idx in (("train", train_idx), ("valid", val_idx)):
+            path = out / f"{split}_{args.model}.png"
+            save_reconstructions(model, data.images[idx[:args.n]], path, device)
+            written.append(path)
+    if ckpt["history"]:
+        path = out / f"loss_{args.model}.png"
+        out.mkdir(parents=True, exist_ok=True)
+        plot_history(ckpt["history"], f"{args.model} ({ckpt['data']})", path)
+        written.append(path)
+    print("wrote " + ", ".join(map(str, written)))
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
