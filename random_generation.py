@@ -3,6 +3,11 @@
 The model is rebuilt from its checkpoint alone (models/Best_<MODEL>.pth unless --checkpoint).
 For the autoencoders this is decoder(z) with z ~ N(0, I); a plain AE's codes were never shaped
 like N(0, I), which is why its samples are mostly noise and the VAE's are not.
+
+`--fid` then measures the model as the seed assignment does (see fid.py): as many samples as the
+checkpoint's data has validation images, class proportions matched for a conditional model, both sets
+quantised to uint8 and preprocessed alike; prints FID and KID (or FD_eval, KID_eval and the class
+accuracy of conditional samples with `--fid-features evaluator`).
 """
 import argparse
 from pathlib import Path
@@ -10,6 +15,7 @@ from pathlib import Path
 import torch
 
 import common
+import fid
 from train_script import MODELS, load_model
 
 
@@ -21,15 +27,30 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="seeds the noise, so the same seed gives the same picture")
     parser.add_argument("--out", default=None, help="default: vis/random_images_<MODEL>.png")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    parser.add_argument("--fid", action="store_true", help="also report FID and KID against the validation images")
+    fid.add_metric_flags(parser)
     args = parser.parse_args()
     if args.n < 1:
         raise common.UserError(f"--n must be at least 1, got {args.n}")
     device = common.pick_device(args.device)
-    model, _ = load_model(args.checkpoint or f"models/Best_{args.model}.pth", args.model, device)
+    model, ckpt = load_model(args.checkpoint or f"models/Best_{args.model}.pth", args.model, device)
     model.eval()
     images = model.sample(args.n, torch.Generator(device).manual_seed(args.seed))
     path = common.save_image_grid(images.cpu(), Path(args.out or f"vis/random_images_{args.model}.png"))
     print(f"wrote {path}")
+    if args.fid:
+        report_sample_quality(model, ckpt, args, device)
+
+
+def report_sample_quality(model, ckpt, args, device):
+    """The checkpoint's own validation split is the reference: same data, size, channels and seed."""
+    data_name, (channels, size, _) = ckpt["train_args"]["data"], ckpt["image_shape"]
+    data = common.load_data(data_name, size, channels)
+    _, val_idx = common.split_indices(len(data.images), ckpt["train_args"]["seed"])
+    quality = fid.SampleQuality(fid.extractors_from_args(args, data_name, size, device), data.images[val_idx],
+                                data.labels[val_idx], seed=args.seed)
+    print(f"{fid.format_metrics(quality(model, device))} ({len(val_idx)} samples vs the {len(val_idx)} "
+          f"validation images of {data_name} at {size}x{size})")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import common
 import conv_ae
+import fid
 import mlp_ae
 import vae
 from common import UserError
@@ -33,7 +34,7 @@ MODELS = {
 
 # The common flags and their defaults; a model's TRAIN_DEFAULTS override these.
 COMMON_DEFAULTS = dict(epochs=20, batch_size=16, lr=1e-3, lr_decay=1.0, lr_decay_every=10, optimizer="adam",
-                       momentum=0.0, weight_decay=0.0, val_every=1, patience=5, flip=False)
+                       momentum=0.0, weight_decay=0.0, val_every=1, patience=5, flip=False, fid_every=0)
 
 
 class TrainingDiverged(Exception):
@@ -43,7 +44,7 @@ class TrainingDiverged(Exception):
 def build_parser(model_name=None, add_help=True):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False, add_help=add_help,
                                      epilog=None if model_name else "`--model X --help` lists the flags of model X")
-    parser.add_argument("--model", required=True, choices=list(MODELS), help="which model to train")
+    parser.add_argument("--model", required=add_help, choices=list(MODELS), help="which model to train")
     if model_name is None:
         return parser
     module = MODELS[model_name]
@@ -77,6 +78,13 @@ def build_parser(model_name=None, add_help=True):
     g.add_argument("--run-name", default=None, help="names checkpoints and the log folder (default: the model name)")
     g.add_argument("--models-dir", default="models", help="where checkpoints go (default: models)")
     g.add_argument("--log-dir", default="log", help="TensorBoard runs go to <log-dir>/<run> (default: log)")
+    g = parser.add_argument_group("sample quality (fid.py)")
+    g.add_argument("--fid-every", type=int, default=defaults["fid_every"],
+                   help="every N epochs (and the last) generate --fid-samples images and log FID/KID against the "
+                        f"validation images; models without a meaningful val_loss select Best on it (0: off; "
+                        f"default: {defaults['fid_every']})")
+    g.add_argument("--fid-samples", type=int, default=0, help="(default 0: as many as validation images)")
+    fid.add_metric_flags(g)
     common.add_config_flags(parser, module.Config, f"{model_name} options (from {module.__name__}.py)")
     return parser
 
@@ -242,6 +250,15 @@ def train(argv=None):
     writer = common.tensorboard_writer(Path(args.log_dir) / args.run_name)
     writer.add_text("hyperparameters", "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     fixed_preview = common.to_float(val_images[:8])
+    quality = None   # FID/KID (or FD_eval) of samples against the validation images, see fid.py
+    if args.fid_every > 0:
+        extractors = fid.extractors_from_args(args, args.data, args.image_size, device, args.models_dir)
+        quality = fid.SampleQuality(extractors, val_images, val_labels, args.fid_samples, args.seed)
+    by_quality = quality is not None and getattr(model, "selects_by_sample_quality", False)
+    if getattr(model, "selects_by_sample_quality", False) and not by_quality:
+        print(f"# note: {args.model} has no meaningful val_loss; pass --fid-every N to choose Best by sample quality",
+              flush=True)
+    selection = quality.metric if by_quality else "val_loss"
 
     def state(epoch):
         return checkpoint_state(args, model, optimizers, schedulers, data, epoch, best, bad_validations, history,
@@ -270,7 +287,7 @@ def train(argv=None):
             line = f"epoch {epoch} train_loss {train_terms['loss']:.6g}"
             for k, v in train_terms.items():
                 writer.add_scalar(f"train/{k}", v, epoch)
-            marker = ""
+            marker, score = "", None   # score: what Best is chosen on, when measured this epoch
             if epoch % args.val_every == 0 or epoch == args.epochs:
                 val_terms = evaluate(model, val_images, val_labels, args, device)
                 record["val_loss"] = val_terms["loss"]
@@ -278,8 +295,18 @@ def train(argv=None):
                 for k, v in val_terms.items():
                     writer.add_scalar(f"val/{k}", v, epoch)
                 writer.add_image("preview", preview(model, fixed_preview, device, args.seed), epoch)
-                if val_terms["loss"] < best:
-                    best, bad_validations, marker = val_terms["loss"], 0, " *best*"
+                score = None if by_quality else val_terms["loss"]
+            if quality is not None and (epoch % args.fid_every == 0 or epoch == args.epochs):
+                metrics = quality(model, device)
+                record.update(metrics)
+                line += " " + fid.format_metrics(metrics)
+                for k, v in metrics.items():
+                    writer.add_scalar(f"samples/{k}", v, epoch)
+                if by_quality:
+                    score = metrics[selection]
+            if score is not None:
+                if score < best:
+                    best, bad_validations, marker = score, 0, " *best*"
                 else:
                     bad_validations += 1
             record["seconds"] = time.perf_counter() - started
@@ -292,7 +319,8 @@ def train(argv=None):
             common.save_checkpoint(state(epoch), last_path)
             completed = epoch
             if bad_validations >= args.patience:
-                print(f"# early stop: no new best val_loss in {args.patience} validations; best {best:.6g}", flush=True)
+                print(f"# early stop: no new best {selection} in {args.patience} validations; best {best:.6g}",
+                      flush=True)
                 break
     except KeyboardInterrupt:
         common.save_checkpoint(state(completed), last_path)

@@ -1,0 +1,328 @@
+"""fid.py: the Fréchet distance and KID against independent computations, the Inception network against
+pytorch-fid's weight file layout, preprocessing, the offline evaluator, and the metrics wired into
+fid.py's CLI, train_script.py and random_generation.py. The Inception weights used here are random:
+they exercise the code path only and no number from them is an FID."""
+import dataclasses
+import sys
+import types
+import urllib.error
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn as nn
+
+import common
+import fid
+import train_script
+from common import UserError
+from conftest import SHARED_DATA, run_script, write_image_folder
+
+
+def random_covariance(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def test_frechet_distance_of_a_set_with_itself_is_zero_and_symmetric():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 16)), rng.normal(size=(300, 16)) * 1.5 + 0.3
+    assert abs(fid.frechet_distance(*fid.statistics(a), *fid.statistics(a))) < 1e-8
+    d_ab = fid.frechet_distance(*fid.statistics(a), *fid.statistics(b))
+    assert d_ab > 0.1 and d_ab == pytest.approx(fid.frechet_distance(*fid.statistics(b), *fid.statistics(a)), rel=1e-9)
+
+
+def test_frechet_distance_of_two_gaussians_equals_the_closed_form():
+    rng = np.random.default_rng(1)
+    d = 12
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    s1, s2 = random_covariance(rng, d), random_covariance(rng, d)
+    # independent: Tr((S1 S2)^{1/2}) = sum sqrt(eig(S1^{1/2} S2 S1^{1/2})), a symmetric eigenproblem
+    w, v = np.linalg.eigh(s1)
+    root1 = v @ np.diag(np.sqrt(w)) @ v.T
+    tr_covmean = np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1)).sum()
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    # diagonal covariances: sum (sqrt(s1) - sqrt(s2))^2 per dimension
+    v1, v2 = rng.uniform(0.5, 2, d), rng.uniform(0.5, 2, d)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+    assert fid.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_few_images_compute_in_the_span_of_the_features_with_the_same_result():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(10, 64)), rng.normal(size=(7, 64)) + 0.2   # ranks 9 and 6 in 64 dimensions
+    (mu1, s1), (mu2, s2) = fid.statistics(a), fid.statistics(b)
+    full = np.trace(scipy.linalg.sqrtm(s1 @ s2)).real                 # pytorch-fid's way, in all 64 dimensions
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * full
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+
+
+def test_singular_product_falls_back_to_an_offset_and_large_imaginary_parts_fail(monkeypatch):
+    rng = np.random.default_rng(2)
+    mu, s1, s2 = np.zeros(4), random_covariance(rng, 4), random_covariance(rng, 4)
+    real_sqrtm, calls = scipy.linalg.sqrtm, []
+
+    def singular_first(a):  # what sqrtm returns for a product with no square root, e.g. [[0, 1], [0, 0]]
+        calls.append(a)
+        return np.full_like(a, np.inf) if len(calls) == 1 else real_sqrtm(a)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", singular_first)
+    value = fid.frechet_distance(mu, s1, mu, s2, eps=1e-3)
+    offset = 1e-3 * np.eye(4)
+    assert np.allclose(calls[1], (s1 + offset) @ (s2 + offset))
+    expected = np.trace(s1) + np.trace(s2) - 2 * np.trace(real_sqrtm((s1 + offset) @ (s2 + offset))).real
+    assert value == pytest.approx(expected, rel=1e-9)
+    assert np.isinf(real_sqrtm(np.array([[0.0, 1.0], [0.0, 0.0]]))).any()  # such products exist
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) + 0.5j * np.eye(len(a)))
+    with pytest.raises(UserError, match="imaginary"):
+        fid.frechet_distance(mu, s1, mu, s2)
+
+
+def unbiased_mmd2(x, y):
+    """MMD^2_u with k(a, b) = (a.b / d + 1)^3, written as the double sums of Gretton et al. 2012."""
+    m, d = len(x), x.shape[1]
+    k = lambda a, b: (a @ b / d + 1) ** 3
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2
+    return xx + yy - 2 * xy
+
+
+def test_kid_is_the_unbiased_mmd_near_zero_for_one_distribution_and_positive_for_a_shift():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(20, 8)), rng.normal(size=(20, 8)) + 0.5
+    kid, std = fid.kernel_inception_distance(x, y, num_subsets=1, subset_size=20)
+    assert kid == pytest.approx(unbiased_mmd2(x, y), rel=1e-9) and std == 0
+    a, b = rng.normal(size=(400, 32)), rng.normal(size=(400, 32))
+    same, same_std = fid.kernel_inception_distance(a, b, num_subsets=20, subset_size=200)
+    shifted, _ = fid.kernel_inception_distance(a, b + 0.5, num_subsets=20, subset_size=200)
+    assert abs(same) < 3 * same_std + 1e-3 and shifted > 0.05 and shifted > 20 * abs(same)
+
+
+def test_size_warnings():
+    with pytest.warns(UserWarning, match="differ in size"):
+        fid.warn_about_sizes(100, 90)
+    with pytest.warns(UserWarning, match="2048"):
+        fid.warn_about_sizes(500, 500)
+
+
+# ---------------------------------------------------------------------------------------------- Inception
+
+@pytest.mark.skipif(not (SHARED_DATA / "fid_inception_state_dict_keys.txt").exists(), reason="shared data absent")
+def test_inception_state_dict_matches_pytorch_fids_weight_file():
+    expected = dict(line.rstrip("\n").split("\t") for line in
+                    (SHARED_DATA / "fid_inception_state_dict_keys.txt").read_text().splitlines())
+    ours = {k: str(tuple(v.shape)) for k, v in fid.FIDInceptionV3().state_dict().items()}
+    assert len(expected) == 566 and ours == expected
+
+
+def test_quantisation_and_resize_match_an_independent_computation():
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 5, 7)
+    q = fid.quantize(x)
+    assert torch.equal(q, torch.from_numpy(np.floor(np.clip(x.numpy() * 255 + 0.5, 0, 255)).astype(np.uint8)))
+    out = fid.inception_input(q)
+    assert out.shape == (2, 3, 299, 299) and torch.equal(out[:, 0], out[:, 2])  # grey repeated to RGB
+
+    def bilinear_axis(n_in, n_out):  # align_corners=False: source = (i + 0.5) n_in / n_out - 0.5, clamped at 0
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0)
+        lo = np.floor(src).astype(int)
+        hi = np.minimum(lo + 1, n_in - 1)
+        weights = np.zeros((n_out, n_in))
+        weights[np.arange(n_out), lo] += 1 - (src - lo)
+        weights[np.arange(n_out), hi] += src - lo
+        return weights
+
+    image = q[1, 0].numpy() / 255.0
+    expected = bilinear_axis(5, 299) @ image @ bilinear_axis(7, 299).T * 2 - 1
+    assert np.allclose(out[1, 1].numpy(), expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory):
+    """A weight file of a randomly initialised network (He init, so activations neither vanish nor explode).
+    Only a test of the plumbing: nothing computed with it is an FID."""
+    torch.manual_seed(0)
+    net = fid.FIDInceptionV3()
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_cli_end_to_end_with_stats_file_and_feature_cache(tmp_path, random_inception_weights, isolated_cache):
+    """One FID (scipy's sqrtm of a 2048 x 2048 product takes tens of seconds on 2 cores), then --save-stats."""
+    write_image_folder(tmp_path / "a", per_class=2, size=20, classes=("x",), seed=1)
+    write_image_folder(tmp_path / "b", per_class=2, size=20, classes=("x",), seed=2)
+    weights = ["--inception-weights", random_inception_weights, "--image-size", "16"]
+    result = run_script("fid.py", tmp_path / "a", tmp_path / "b", *weights, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert np.isfinite(float(lines["FID"])) and float(lines["FID"]) > 0 and "std" in lines["KID"]
+    assert "FID is biased" in result.stderr                        # 2 images: warned
+    cached = sorted((isolated_cache / "features").glob("*.npy"))
+    assert len(cached) == 2 and all(np.load(f).shape == (2, 2048) for f in cached)
+    result = run_script("fid.py", tmp_path / "b", "--save-stats", tmp_path / "b.npz", *weights, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(list((isolated_cache / "features").glob("*.npy"))) == 2   # b's features came from the cache
+    with np.load(tmp_path / "b.npz") as stats:
+        assert any(np.allclose(stats["mu"], fid.statistics(np.load(f))[0]) and
+                   np.allclose(stats["sigma"], fid.statistics(np.load(f))[1]) for f in cached)
+
+
+def test_no_weights_offline_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    write_image_folder(tmp_path / "a", per_class=2, size=8, classes=("x",))
+    with pytest.raises(UserError) as err:
+        fid.main([str(tmp_path / "a"), str(tmp_path / "a")])
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / "hub" / "checkpoints" / fid.FID_WEIGHTS_NAME) in message
+    assert "--inception-weights" in message
+    with pytest.raises(UserError, match="does not exist"):
+        fid.load_inception(tmp_path / "missing.pth")
+
+
+# ---------------------------------------------------------------------------------------------- evaluator
+
+@pytest.fixture(scope="module")
+def shapes_evaluator(tmp_path_factory):
+    data = common.make_shapes(n=1200, image_size=12)
+    net, val_accuracy = fid.train_evaluator(data, epochs=5, batch_size=32, lr=5e-3, width=8, log=lambda line: None)
+    path = tmp_path_factory.mktemp("evaluator") / "Evaluator_shapes_12.pth"
+    fid.save_evaluator(net, data, val_accuracy, 0, path)
+    return data, path, val_accuracy
+
+
+def test_evaluator_is_accurate_and_its_distance_ranks_real_below_noise(shapes_evaluator):
+    data, path, val_accuracy = shapes_evaluator
+    assert val_accuracy > 0.85
+    extractor = fid.make_extractor("evaluator", evaluator_file=path)
+    train_idx, val_idx = common.split_indices(len(data.images), 0)
+    real_val = extractor(data.images[val_idx], cache=False)
+    real_train = extractor(data.images[train_idx[:len(val_idx)]], cache=False)
+    noise = extractor(torch.randint(0, 256, data.images[val_idx].shape, dtype=torch.uint8), cache=False)
+    real_vs_real = fid.frechet_distance(*fid.statistics(real_train), *fid.statistics(real_val))
+    real_vs_noise = fid.frechet_distance(*fid.statistics(noise), *fid.statistics(real_val))
+    assert 0 <= real_vs_real < real_vs_noise / 10
+    with pytest.raises(UserError, match="trained on 3x12x12"):
+        extractor(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+
+
+def test_evaluator_needs_classes(tmp_path):
+    write_image_folder(tmp_path / "flat", per_class=4, size=8, classes=("only",))
+    data = common.load_data(str(tmp_path / "flat"), 8)
+    with pytest.raises(UserError, match="needs at least 2 classes"):
+        fid.train_evaluator(data, epochs=1)
+
+
+class ConditionalFake(nn.Module):
+    """A 'model' that draws real images of the asked class: the conditional sampling contract."""
+    conditional = True
+
+    def __init__(self, data):
+        super().__init__()
+        self.data, self.asked = data, []
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def sample(self, n, generator=None, labels=None):
+        self.asked.append(labels.clone())
+        picks = [torch.nonzero(self.data.labels == int(c)).flatten() for c in labels]
+        idx = torch.stack([p[torch.randint(len(p), (1,), generator=generator)][0] for p in picks])
+        return common.to_float(self.data.images[idx])
+
+
+def test_conditional_samples_match_class_proportions_and_are_classified(shapes_evaluator):
+    data, path, _ = shapes_evaluator
+    _, val_idx = common.split_indices(len(data.images), 0)
+    quality = fid.SampleQuality([fid.make_extractor("evaluator", evaluator_file=path)], data.images[val_idx],
+                                data.labels[val_idx], seed=0)
+    model = ConditionalFake(data)
+    with pytest.warns(UserWarning):
+        metrics = quality(model)
+    asked = torch.cat(model.asked)
+    assert torch.equal(torch.bincount(asked, minlength=9), torch.bincount(data.labels[val_idx], minlength=9))
+    assert metrics["accuracy_eval"] > 0.85 and metrics["FD_eval"] >= 0 and "KID_eval" in metrics
+    assert torch.equal(torch.bincount(fid.matched_labels(torch.tensor([0, 0, 1, 2]), 8)), torch.tensor([4, 2, 2]))
+
+
+# ---------------------------------------------------------------------------------------------- wiring
+
+@dataclasses.dataclass
+class FakeConfig:
+    pass
+
+
+class QualitySelected(nn.Module):
+    """A GAN-like model: val_loss improves every epoch (meaningless), samples are always the same noise."""
+    selects_by_sample_quality = True
+
+    def __init__(self, config, image_shape, num_classes=1):
+        super().__init__()
+        self.config, self.image_shape = config, tuple(image_shape)
+        self.weight = nn.Parameter(torch.ones(1))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def loss(self, x, y=None, generator=None):
+        self.calls += 1
+        return {"loss": (self.weight - 1).pow(2).sum() + 1 / self.calls}
+
+    def sample(self, n, generator=None):
+        return torch.rand(n, *self.image_shape, generator=generator)
+
+
+def test_training_selects_and_early_stops_on_fd_eval_for_quality_selected_models(tmp_path, monkeypatch, capsys):
+    write_image_folder(tmp_path / "data", per_class=20, size=16, classes=("x", "y"))
+    data = common.load_data(str(tmp_path / "data"), 8)
+    net, acc = fid.train_evaluator(data, epochs=1, width=4, log=lambda line: None)
+    evaluator = tmp_path / "models" / "Evaluator_data_8.pth"
+    fid.save_evaluator(net, data, acc, 0, evaluator)
+    fake = types.SimpleNamespace(__name__="fake", Config=FakeConfig, TRAIN_DEFAULTS={}, Model=QualitySelected)
+    monkeypatch.setitem(train_script.MODELS, "fake", fake)
+    argv = ["--model", "fake", "--data", str(tmp_path / "data"), "--image-size", "8", "--epochs", "10",
+            "--patience", "2", "--fid-every", "1", "--fid-features", "evaluator", "--fid-samples", "12",
+            "--models-dir", str(tmp_path / "models"), "--log-dir", str(tmp_path / "log")]
+    train_script.train(argv)
+    out = capsys.readouterr().out
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
+    # samples never change, so FD_eval never improves: early stop after 1 + 2 evaluations, val_loss notwithstanding
+    assert len(epochs) == 3 and all("FD_eval" in l and "KID_eval" in l for l in epochs)
+    assert epochs[0].endswith("*best*") and "early stop: no new best FD_eval" in out
+    history = torch.load(tmp_path / "models" / "Last_fake.pth", weights_only=True)["history"]
+    assert history[0]["FD_eval"] == history[2]["FD_eval"] and history[2]["val_loss"] < history[0]["val_loss"]
+
+
+def test_training_with_fid_and_no_weights_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(fid, "inception_weights", lambda path=None: (_ for _ in ()).throw(UserError("no weights")))
+    write_image_folder(tmp_path / "data", per_class=5, size=8)
+    with pytest.raises(UserError, match="no weights"):
+        train_script.train(["--model", "MLPAE", "--data", str(tmp_path / "data"), "--image-size", "8",
+                            "--fid-every", "1", "--models-dir", str(tmp_path / "models")])
+    assert not (tmp_path / "models" / "Last_MLPAE.pth").exists()
+
+
+def test_random_generation_fid_with_the_evaluator(tmp_path):
+    write_image_folder(tmp_path / "data", per_class=15, size=16, classes=("x", "y"))
+    result = run_script("fid.py", "train-evaluator", "--data", tmp_path / "data", "--image-size", "8", "--epochs", "1",
+                        "--width", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "validation accuracy" in result.stdout and (tmp_path / "models" / "Evaluator_data_8.pth").is_file()
+    result = run_script("train_script.py", "--model", "VAE", "--data", tmp_path / "data", "--image-size", "8",
+                        "--epochs", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = run_script("random_generation.py", "--model", "VAE", "--fid", "--fid-features", "evaluator",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("FD_eval ") and "KID_eval" in last and "6 samples vs the 6 validation images" in last
