@@ -10,6 +10,7 @@ quantised to uint8 and preprocessed alike; prints FID and KID (or FD_eval, KID_e
 accuracy of conditional samples with `--fid-features evaluator`).
 """
 import argparse
+import inspect
 from pathlib import Path
 
 import torch
@@ -27,6 +28,12 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="seeds the noise, so the same seed gives the same picture")
     parser.add_argument("--out", default=None, help="default: vis/random_images_<MODEL>.png")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    g = parser.add_argument_group("sampler options (for models whose sample() takes them, e.g. diffusion)")
+    g.add_argument("--sampler", default=None, help="e.g. ddpm (ancestral, T steps) or ddim")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (DDIM)")
+    g.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    g.add_argument("--class-label", default=None, help="a class name of the training data: every image of that class")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight w (1: none)")
     parser.add_argument("--fid", action="store_true", help="also report FID and KID against the validation images")
     fid.add_metric_flags(parser)
     args = parser.parse_args()
@@ -35,11 +42,30 @@ def main():
     device = common.pick_device(args.device)
     model, ckpt = load_model(args.checkpoint or f"models/Best_{args.model}.pth", args.model, device)
     model.eval()
-    images = model.sample(args.n, torch.Generator(device).manual_seed(args.seed))
+    options = sample_options(model, ckpt, args, device)
+    images = model.sample(args.n, torch.Generator(device).manual_seed(args.seed), **options)
     path = common.save_image_grid(images.cpu(), Path(args.out or f"vis/random_images_{args.model}.png"))
     print(f"wrote {path}")
     if args.fid:
         report_sample_quality(model, ckpt, args, device)
+
+
+def sample_options(model, ckpt, args, device):
+    """The sampler flags that were given, as keywords of model.sample; an error for one it does not take."""
+    options = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "guidance") if getattr(args, k) is not None}
+    if args.class_label is not None:
+        if not getattr(model, "conditional", False):
+            raise common.UserError(f"--class-label needs a class-conditional model; this {args.model} model is not")
+        names = list(ckpt["class_names"])
+        if args.class_label not in names:
+            raise common.UserError(f"unknown --class-label '{args.class_label}'; the classes are: {', '.join(names)}")
+        options["labels"] = torch.full((args.n,), names.index(args.class_label), dtype=torch.long, device=device)
+    accepted = inspect.signature(model.sample).parameters
+    for key in options:
+        if key not in accepted:
+            flag = "--class-label" if key == "labels" else "--" + key
+            raise common.UserError(f"{flag} does not apply to the {args.model} model (its sample() does not take it)")
+    return options
 
 
 def report_sample_quality(model, ckpt, args, device):

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import common
 import conv_ae
+import ddpm
 import fid
 import mlp_ae
 import vae
@@ -30,6 +31,7 @@ MODELS = {
     "MLPAE": mlp_ae,
     "AE": conv_ae,
     "VAE": vae,
+    "diffusion": ddpm,
 }
 
 # The common flags and their defaults; a model's TRAIN_DEFAULTS override these.
@@ -243,7 +245,7 @@ def train(argv=None):
         start_epoch, best, bad_validations = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["bad_validations"]
         history = list(ckpt["history"])
 
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # not frozen copies (EMA)
     print(f"# {args.model} on {data.source}: {len(train_idx)} train / {len(val_idx)} val images of "
           f"{'x'.join(map(str, data.image_shape))}, {len(data.class_names)} classes, {n_params:,} parameters, {device}"
           + (f", resumed at epoch {start_epoch}" if ckpt is not None else ""), flush=True)

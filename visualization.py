@@ -3,6 +3,8 @@
 Writes, from models/Best_<MODEL>.pth alone:
   vis/train_<MODEL>.png, vis/valid_<MODEL>.png  originals (top block) above reconstructions (bottom block)
   vis/loss_<MODEL>.png                          train and validation loss per epoch, from the checkpoint's history
+  vis/denoising_<MODEL>.png                     for models with `denoising_process` (diffusion): one sample per row,
+                                                x_T on the left to x_0 on the right
 """
 import argparse
 from pathlib import Path
@@ -38,6 +40,14 @@ def save_reconstructions(model, images, path, device):
     common.grid_to_pil(grid, scale=4).save(path)
 
 
+@torch.no_grad()
+def save_denoising(model, n, path, device, seed=0, frames=10):
+    """model.denoising_process gives (frames, n, C, H, W); row i shows sample i from x_T to x_0."""
+    steps = model.denoising_process(n, torch.Generator(device).manual_seed(seed), frames)
+    rows = steps.transpose(0, 1).reshape(-1, *steps.shape[2:])                   # (n * frames, C, H, W)
+    common.save_image_grid(rows.cpu(), path, nrow=frames)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--model", required=True, choices=list(MODELS))
@@ -61,6 +71,10 @@ def main():
             path = out / f"{split}_{args.model}.png"
             save_reconstructions(model, data.images[idx[:args.n]], path, device)
             written.append(path)
+    if hasattr(model, "denoising_process"):
+        path = out / f"denoising_{args.model}.png"
+        save_denoising(model, min(args.n, 8), path, device)
+        written.append(path)
     if ckpt["history"]:
         path = out / f"loss_{args.model}.png"
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,204 @@
+"""Diffusion (ddpm.py): closed forms against independent computations, the samplers, guidance, EMA, CLI."""
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import ddpm
+import train_script
+from common import UserError
+from conftest import run_script, write_image_folder
+
+TINY = dict(width=8, channel_mults=(1, 2), blocks_per_level=1, attention_levels=(1,))
+
+
+def build(image_shape=(3, 8, 8), num_classes=1, **config):
+    torch.manual_seed(0)
+    return ddpm.Model(ddpm.Config(**{**TINY, **config}), image_shape, num_classes)
+
+
+def randomize(model, scale=0.05):
+    """Non-zero weights everywhere (the zero-initialised last convolutions would make eps_theta = 0)."""
+    with torch.no_grad():
+        for p in list(model.unet.parameters()) + list(model.ema.parameters()):
+            p.add_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
+def test_linear_schedule_is_ddpms_and_q_sample_has_the_closed_form_moments():
+    model = build(timesteps=1000)
+    betas = np.linspace(1e-4, 0.02, 1000)                               # Ho et al. 2020, Sec. 4
+    alpha_bar = np.cumprod(1 - betas)
+    assert np.allclose(model.alphas_bar.numpy(), alpha_bar, rtol=1e-5)
+    x0 = torch.rand(1, 3, 8, 8) * 2 - 1
+    for t in (0, 250, 999):
+        noise = torch.randn(20000, 3, 8, 8, generator=torch.Generator().manual_seed(t))
+        xt = model.q_sample(x0.expand(20000, -1, -1, -1), torch.full((20000,), t), noise)
+        assert torch.allclose(xt.mean(0), math.sqrt(alpha_bar[t]) * x0[0], atol=0.04)   # 5 standard errors
+        assert abs(xt.var(0).mean().item() - (1 - alpha_bar[t])) < 0.01                 # pooled over pixels
+
+
+def test_posterior_matches_bayes_rule_for_two_gaussians():
+    """q(x_{t-1}|x_t,x_0) ∝ q(x_t|x_{t-1}) q(x_{t-1}|x_0): multiply the two Gaussians in float64."""
+    model = build(timesteps=100, schedule="cosine")
+    betas = model.betas.double()
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    x0, xt = torch.randn(4, 3, 8, 8).double(), torch.randn(4, 3, 8, 8).double()
+    for t in (1, 10, 50, 99):
+        ab_prev = alpha_bar[t - 1]
+        precision = 1 / (1 - ab_prev) + (1 - betas[t]) / betas[t]       # prior precision + likelihood precision
+        mean = (ab_prev.sqrt() * x0 / (1 - ab_prev) + (1 - betas[t]).sqrt() * xt / betas[t]) / precision
+        got_mean, got_var = model.q_posterior(x0.float(), xt.float(), torch.full((4,), t))
+        assert torch.allclose(got_mean.double(), mean, atol=1e-4)
+        assert torch.allclose(got_var.flatten().double(), (1 / precision).expand(4), rtol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "sigmoid"])
+@pytest.mark.parametrize("timesteps", [1000, 50])
+def test_alpha_bar_falls_monotonically_to_about_zero(schedule, timesteps):
+    alpha_bar = build(timesteps=timesteps, schedule=schedule).alphas_bar
+    assert torch.all(alpha_bar[1:] < alpha_bar[:-1]) and alpha_bar[0] > 0.9
+    assert alpha_bar[-1] < 1e-3
+
+
+def test_ddim_with_eta_zero_is_deterministic_given_x_T():
+    model = randomize(build(timesteps=40))
+    x_T = torch.randn(4, 3, 8, 8)
+    ts = list(range(39, -1, -4))
+    runs = []
+    for seed in (1, 2):   # different generators: with eta = 0 they must not matter
+        x = x_T
+        for i, t in enumerate(ts):
+            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+            x = model.ddim_step(x, torch.full((4,), t), torch.full((4,), t_prev), None, 1.0, 0.0,
+                                torch.Generator().manual_seed(seed))
+        runs.append(x)
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], x_T)
+    a = model.sample(3, torch.Generator().manual_seed(5), steps=10)
+    assert torch.equal(a, model.sample(3, torch.Generator().manual_seed(5), steps=10))
+
+
+@pytest.mark.parametrize("clip_x0", [True, False])
+def test_ddim_on_all_steps_with_eta_one_is_the_ddpm_update(clip_x0):
+    model = randomize(build(timesteps=30, clip_x0=clip_x0), scale=0.2)
+    x = torch.randn(4, 3, 8, 8)
+    for t in (29, 15, 1, 0):
+        t_batch = torch.full((4,), t)
+        ddpm_x = model.ddpm_step(x, t_batch, None, 1.0, torch.Generator().manual_seed(t))
+        ddim_x = model.ddim_step(x, t_batch, t_batch - 1, None, 1.0, 1.0, torch.Generator().manual_seed(t))
+        assert torch.allclose(ddpm_x, ddim_x, atol=1e-5), t
+    ddpm_samples = model.sample(2, torch.Generator().manual_seed(0), sampler="ddpm")
+    ddim_samples = model.sample(2, torch.Generator().manual_seed(0), steps=30, eta=1.0)
+    assert torch.allclose(ddpm_samples, ddim_samples, atol=1e-4)
+
+
+@pytest.mark.parametrize("options, factor", [({}, 0.25), ({"v_prediction": True}, 0.65)])
+def test_a_tiny_model_overfits_one_batch(options, factor):
+    model = build(timesteps=100, **options)
+    x = torch.rand(8, 3, 8, 8) * 0.5 + 0.25 * (torch.arange(8) % 2).view(8, 1, 1, 1)
+    optimizers = {"model": torch.optim.Adam(model.parameter_groups()["model"], lr=3e-3)}
+
+    def fixed_loss():
+        with torch.no_grad():
+            return model.train().loss(x, generator=torch.Generator().manual_seed(0))["loss"].item()
+
+    first = fixed_loss()
+    for _ in range(150):
+        model.train_step(x, None, optimizers)
+    assert fixed_loss() < factor * first   # v's target at large t is about x_0: slower for a tiny net
+
+
+@pytest.mark.parametrize("v_prediction", [False, True])
+def test_min_snr_weighting_is_min_snr_gamma_over_snr(v_prediction):
+    """Hang et al. 2023: w_t = min(SNR_t, gamma) / SNR_t for eps, / (SNR_t + 1) for v; same t and noise."""
+    plain, weighted = build(timesteps=100, v_prediction=v_prediction), build(timesteps=100, v_prediction=v_prediction,
+                                                                             min_snr_gamma=5.0)
+    x = torch.rand(6, 3, 8, 8)
+    per_image = []
+    for i in range(6):   # one image at a time gives the per-image mse of the unweighted loss
+        g = torch.Generator().manual_seed(i)
+        per_image.append(plain.loss(x[i:i + 1], generator=g)["loss"])
+    t = torch.stack([torch.randint(0, 100, (1,), generator=torch.Generator().manual_seed(i)) for i in range(6)])[:, 0]
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-3, 0.2, 100, dtype=torch.float64), 0)[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    w = snr.clamp(max=5) / (snr + 1 if v_prediction else snr)
+    expected = (torch.stack(per_image).double() * w).mean()
+    got = torch.stack([weighted.loss(x[i:i + 1], generator=torch.Generator().manual_seed(i))["loss"]
+                       for i in range(6)]).double().mean()
+    assert torch.allclose(got, expected, rtol=1e-4)
+
+
+def test_guidance_zero_is_the_unconditional_prediction_and_one_the_conditional():
+    model = randomize(build(num_classes=3, timesteps=20))
+    x, t, y = torch.randn(5, 3, 8, 8), torch.randint(0, 20, (5,)), torch.tensor([0, 1, 2, 0, 1])
+    null = torch.full((5,), 3)
+    with torch.no_grad():
+        assert torch.allclose(model.guided_output(x, t, y, 0.0), model.ema(x, t, null), atol=1e-5)
+        assert torch.allclose(model.guided_output(x, t, y, 1.0), model.ema(x, t, y), atol=1e-5)
+        cond, uncond = model.ema(x, t, y), model.ema(x, t, null)
+        assert torch.allclose(model.guided_output(x, t, y, 3.0), uncond + 3 * (cond - uncond), atol=1e-4)
+    assert not build(num_classes=3, unconditional=True).conditional and not build(num_classes=1).conditional
+    with pytest.raises(UserError, match="unconditional"):
+        build(num_classes=1).sample(2, labels=torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("image_shape", [(1, 28, 28), (3, 24, 24), (3, 32, 32), (3, 64, 64)])
+def test_shapes_and_range_for_one_or_three_channels(image_shape):
+    model = build(image_shape, num_classes=2, width=8, channel_mults=(1, 2, 2), attention_levels=(2,)).eval()
+    frames = model.denoising_process(2, torch.Generator().manual_seed(0), frames=4, steps=3)
+    assert frames.shape == (4, 2, *image_shape) and frames.min() >= 0 and frames.max() <= 1
+    assert model.loss(torch.rand(2, *image_shape), torch.tensor([0, 1]))["loss"].ndim == 0
+    with pytest.raises(UserError, match="divisible by 4"):
+        build((3, 26, 26), channel_mults=(1, 2, 2))
+
+
+def test_ema_follows_the_weights_with_warm_up():
+    model = build()
+    optimizers = {"model": torch.optim.Adam(model.parameter_groups()["model"], lr=1e-2)}
+    assert all(not p.requires_grad for p in model.ema.parameters())
+    model.train_step(torch.rand(4, 3, 8, 8), None, optimizers)   # first update: decay 1/10
+    for online, ema in zip(model.unet.parameters(), model.ema.parameters()):
+        assert torch.allclose(ema, online, atol=1e-2)
+    assert model.ema_updates.item() == 1
+
+
+def test_checkpoint_round_trip_keeps_both_weights_and_the_ema_count(tmp_path):
+    data = write_image_folder(tmp_path / "data", per_class=12, size=10, classes=("a", "b"))
+    argv = ["--model", "diffusion", "--data", str(data), "--image-size", "8", "--batch-size", "8", "--epochs", "2",
+            "--timesteps", "20", "--width", "8", "--channel-mults", "1", "2", "--attention-levels", "1",
+            "--models-dir", str(tmp_path / "models"), "--log-dir", str(tmp_path / "log")]
+    model, _ = train_script.train(argv)
+    rebuilt, ckpt = train_script.load_model(tmp_path / "models" / "Last_diffusion.pth", "diffusion")
+    assert rebuilt.conditional and ckpt["class_names"] == ["a", "b"] and rebuilt.ema_updates.item() == 6  # 3 batches x 2 epochs
+    for name, a in model.state_dict().items():
+        assert torch.equal(a, rebuilt.state_dict()[name]), name
+    assert any(not torch.equal(a, b) for a, b in zip(rebuilt.unet.parameters(), rebuilt.ema.parameters()))
+
+
+def test_cli_end_to_end_on_the_bundled_shapes(tmp_path, monkeypatch, capsys):
+    flags = ["--image-size", "8", "--epochs", "1", "--batch-size", "64", "--timesteps", "50", "--width", "8",
+             "--channel-mults", "1", "2", "--attention-levels", "1"]
+    result = run_script("train_script.py", "--model", "diffusion", *flags, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "val_loss" in result.stdout and (tmp_path / "models" / "Best_diffusion.pth").is_file()
+    result = run_script("random_generation.py", "--model", "diffusion", "--n", "8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "vis" / "random_images_diffusion.png").is_file()
+    import random_generation
+    import visualization
+    monkeypatch.chdir(tmp_path)   # the other runs in-process: the same code without a second start-up
+
+    def run(script, *argv):
+        monkeypatch.setattr("sys.argv", [script.__name__, *argv])
+        with pytest.raises(SystemExit) if "rose" in argv else nullcontext():
+            common.run_cli(script.main)
+
+    run(random_generation, "--model", "diffusion", "--n", "4", "--sampler", "ddpm", "--class-label", "red_circle",
+        "--guidance", "3", "--out", "vis/red.png")
+    run(visualization, "--model", "diffusion")
+    assert (tmp_path / "vis" / "red.png").is_file() and (tmp_path / "vis" / "denoising_diffusion.png").is_file()
+    run(random_generation, "--model", "diffusion", "--class-label", "rose")
+    assert "unknown --class-label 'rose'; the classes are: red_circle" in capsys.readouterr().err
