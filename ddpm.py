@@ -65,11 +65,13 @@ def timestep_embedding(t, freqs):
 
 
 def group_norm(channels):
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    """GroupNorm with at least 4 channels a group: one channel a group would erase each channel's mean per image,
+    and with it the colour of the noise that eps_theta must predict."""
+    return nn.GroupNorm(math.gcd(32, max(channels // 4, 1)), channels)
 
 
 class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv, + the projected time(+label) embedding, GroupNorm -> SiLU -> dropout -> conv, + skip."""
+    """GroupNorm, SiLU, conv; + the projected time(+label) embedding; GroupNorm, SiLU, dropout, conv; + skip."""
 
     def __init__(self, c_in, c_out, emb_dim, dropout):
         super().__init__()
@@ -133,7 +135,8 @@ class UNet(nn.Module):
                 self.up.append(self._stage(c + skips.pop(), c_out, emb_dim, config, i))
                 c = c_out
             if i > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(c, c, 3, padding=1)))
         self.head = nn.Sequential(group_norm(c), nn.SiLU(), nn.Conv2d(c, channels, 3, padding=1))
         nn.init.zeros_(self.head[-1].weight)
 
@@ -217,14 +220,19 @@ class Model(nn.Module):
         return self._at(self.sqrt_ab, t) * x0 + self._at(self.sqrt_1m_ab, t) * noise
 
     def q_posterior(self, x0, xt, t):
-        """q(x_{t-1}|x_t, x_0) = N(mu~_t, b~_t I), mu~_t = sqrt(ab_{t-1}) b_t/(1-ab_t) x_0 + sqrt(a_t)(1-ab_{t-1})/(1-ab_t) x_t."""
-        return self._at(self.posterior_c0, t) * x0 + self._at(self.posterior_ct, t) * xt, self._at(self.posterior_var, t)
+        """q(x_{t-1}|x_t, x_0) = N(mu~_t, b~_t I), returned as (mu~_t, b~_t), with
+        mu~_t = sqrt(ab_{t-1}) b_t / (1 - ab_t) x_0 + sqrt(a_t) (1 - ab_{t-1}) / (1 - ab_t) x_t."""
+        mean = self._at(self.posterior_c0, t) * x0 + self._at(self.posterior_ct, t) * xt
+        return mean, self._at(self.posterior_var, t)
 
     def loss(self, x, y=None, generator=None):
         """Algorithm 1: t ~ U{1..T}, eps ~ N(0, I), || eps - eps_theta(sqrt(ab_t) x_0 + sqrt(1-ab_t) eps, t) ||^2.
 
         With `generator` (validation), t, eps and dropped labels come from it: the same at every validation."""
-        x0 = x * 2 - 1                                                           # [0, 1] -> [-1, 1]
+        return self.loss_x0(x * 2 - 1, y, generator)                            # [0, 1] -> [-1, 1]
+
+    def loss_x0(self, x0, y=None, generator=None):
+        """The loss of `loss` for x_0 already in diffusion space (pixels in [-1, 1], or latents)."""
         t = torch.randint(0, self.config.timesteps, (len(x0),), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         labels = None
@@ -239,7 +247,7 @@ class Model(nn.Module):
         per_image = (out - target).pow(2).mean(dim=(1, 2, 3))
         if self.config.min_snr_gamma > 0:   # min(SNR, gamma)/SNR for eps, min(SNR, gamma)/(SNR + 1) for v
             snr = self.snr[t]
-            per_image = per_image * snr.clamp(max=self.config.min_snr_gamma) / (snr + 1 if self.config.v_prediction else snr)
+            per_image = per_image * snr.clamp(max=self.config.min_snr_gamma) / (snr + self.config.v_prediction)
         return {"loss": per_image.mean()}
 
     def train_step(self, x, y, optimizers):
@@ -280,7 +288,7 @@ class Model(nn.Module):
         if self.config.v_prediction:
             x0 = sa * xt - s1a * out                                             # x_0 = sqrt(ab) x_t - sqrt(1-ab) v
         else:
-            x0 = (xt - s1a * out) / sa                                           # x_0 = (x_t - sqrt(1-ab) eps) / sqrt(ab)
+            x0 = (xt - s1a * out) / sa                                           # (x_t - sqrt(1-ab) eps) / sqrt(ab)
         if self.config.clip_x0:
             x0 = x0.clamp(-1, 1)
         return x0, (xt - sa * x0) / s1a                                          # eps consistent with x0_hat
@@ -308,7 +316,14 @@ class Model(nn.Module):
     @torch.no_grad()
     def denoising_process(self, n, generator=None, frames=10, sampler="ddim", steps=50, eta=0.0, labels=None,
                           guidance=1.0):
-        """Sample n images; returns (frames, n, C, H, W) in [0, 1]: x_T, ..., x_0, evenly spaced in the steps.
+        """Sample n images; returns (frames, n, C, H, W) in [0, 1]: x_T, ..., x_0, evenly spaced in the steps."""
+        xs = self.reverse_process(n, generator, frames, sampler, steps, eta, labels, guidance)
+        return ((xs + 1) / 2).clamp(0, 1)                                        # [-1, 1] -> [0, 1]
+
+    @torch.no_grad()
+    def reverse_process(self, n, generator=None, frames=10, sampler="ddim", steps=50, eta=0.0, labels=None,
+                        guidance=1.0):
+        """(frames, n, C, H, W) in diffusion space: x_T, ..., x_0, evenly spaced in the steps.
 
         sampler 'ddpm' takes all T steps; 'ddim' takes min(steps, T) evenly spaced ones with noise `eta`
         (0: deterministic given x_T; 1 with all T steps: the DDPM sampler). `labels` (n class indices)
@@ -341,7 +356,7 @@ class Model(nn.Module):
                 x = self.ddim_step(x, t_batch, t_prev, y, guidance, eta, generator)
             if i + 1 in keep:
                 kept.append(x)
-        return ((torch.stack(kept) + 1) / 2).clamp(0, 1)                           # [-1, 1] -> [0, 1]
+        return torch.stack(kept)
 
     def sample(self, n, generator=None, sampler="ddim", steps=50, eta=0.0, labels=None, guidance=1.0):
         """n images x_0 in [0, 1] (see denoising_process); with the EMA weights in eval mode."""
