@@ -296,13 +296,18 @@ class FIDInceptionV3(nn.Module):
         return x.mean(dim=(2, 3))                                    # pool3: (B, 2048)
 
 
+def hub_weights_file():
+    """Where the weight file is looked for and downloaded to: the torch hub cache."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_NAME
+
+
 def inception_weights(path=None):
     """The weight file: `path`, else the torch hub cache, else downloaded there from pytorch-fid's release."""
     if path is not None:
         if not Path(path).is_file():
             raise UserError(f"--inception-weights '{path}' does not exist")
         return Path(path)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_NAME
+    cached = hub_weights_file()
     if not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -321,7 +326,8 @@ def load_inception(path=None, device="cpu"):
         net = FIDInceptionV3()
         net.load_state_dict(state)
     except Exception as err:  # a foreign or truncated file: say which, not a traceback
-        raise UserError(f"'{path}' is not pytorch-fid's Inception weight file ({str(err).splitlines()[0][:120]})") from err
+        first_line = str(err).splitlines()[0][:120]
+        raise UserError(f"'{path}' is not pytorch-fid's Inception weight file ({first_line})") from err
     return net.eval().to(device)
 
 
@@ -561,18 +567,33 @@ def format_metrics(metrics):
 
 def add_metric_flags(parser):
     """The feature flags shared by fid.py, random_generation.py --fid and train_script.py --fid-every."""
-    parser.add_argument("--fid-features", nargs="+", choices=("inception", "evaluator"), default=["inception"],
+    parser.add_argument("--fid-features", nargs="+", choices=("inception", "evaluator", "auto"),
+                        default=["inception"],
                         help="inception: FID/KID (needs pytorch-fid's weights); evaluator: FD_eval/KID_eval and the "
-                             "class accuracy of conditional samples, from `fid.py train-evaluator` (default: inception)")
+                             "class accuracy of conditional samples, from `fid.py train-evaluator`; auto: inception "
+                             "when its weights are here, else evaluator, never a download (default: inception)")
     parser.add_argument("--inception-weights", default=None,
                         help=f"pytorch-fid's {FID_WEIGHTS_NAME} (default: the torch hub cache, downloaded if absent)")
     parser.add_argument("--evaluator", default=None,
                         help="evaluator checkpoint (default: models/Evaluator_<data>_<size>.pth)")
 
 
+def resolve_features(kinds, inception_weights_file=None):
+    """'auto' becomes 'inception' when the weight file is here (--inception-weights or the torch hub cache),
+    else 'evaluator'; the other kinds stay as they are."""
+    present = inception_weights_file is not None or hub_weights_file().is_file()
+    return [("inception" if present else "evaluator") if kind == "auto" else kind for kind in kinds]
+
+
 def extractors_from_args(args, data, image_size, device="cpu", models_dir="models"):
+    kinds = resolve_features(args.fid_features, args.inception_weights)
     evaluator_file = args.evaluator or evaluator_path(data, image_size, models_dir)
-    return [make_extractor(kind, args.inception_weights, evaluator_file, device) for kind in args.fid_features]
+    if "evaluator" in kinds and not Path(evaluator_file).is_file():   # say the exact command that makes it
+        out = "" if Path(evaluator_file) == evaluator_path(data, image_size) else f" --out {evaluator_file}"
+        where = f" (or put pytorch-fid's weights at {hub_weights_file()} for FID)" if "auto" in args.fid_features else ""
+        raise UserError(f"no evaluator at '{evaluator_file}' for the sample-quality metric; train it first: "
+                        f"python fid.py train-evaluator --data {data} --image-size {image_size}{out}{where}")
+    return [make_extractor(kind, args.inception_weights, evaluator_file, device) for kind in kinds]
 
 
 def features_or_stats(path, extractor, image_size):
@@ -600,7 +621,7 @@ def compare(argv):
                         "models/Evaluator_<second folder>_<size>.pth)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     args = parser.parse_args(argv)
-    if len(args.paths) != (1 if args.save_stats else 2):
+    if len(args.paths) != (1 if args.save_stats else 2) or (args.save_stats and args.paths[0].endswith(".npz")):
         parser.error("give two paths, or one folder and --save-stats FILE")
     for path in args.paths:
         if not Path(path).exists():
