@@ -30,6 +30,10 @@ class UserError(Exception):
     """A problem with the user's input: scripts print it as one line and exit with status 2."""
 
 
+class TrainingDiverged(Exception):
+    """Training went numerically wrong (a NaN loss, a GAN whose D won): the loop exits with status 1, Best kept."""
+
+
 def run_cli(main):
     """Run `main()`; a UserError becomes `error: ...` on stderr and exit status 2."""
     try:

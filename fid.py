@@ -571,7 +571,7 @@ def add_metric_flags(parser):
                         default=["inception"],
                         help="inception: FID/KID (needs pytorch-fid's weights); evaluator: FD_eval/KID_eval and the "
                              "class accuracy of conditional samples, from `fid.py train-evaluator`; auto: inception "
-                             "when its weights are here, else evaluator, never a download (default: inception)")
+                             "when its weights are here, else evaluator, never a download (default: %(default)s)")
     parser.add_argument("--inception-weights", default=None,
                         help=f"pytorch-fid's {FID_WEIGHTS_NAME} (default: the torch hub cache, downloaded if absent)")
     parser.add_argument("--evaluator", default=None,

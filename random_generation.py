@@ -7,7 +7,8 @@ like N(0, I), which is why its samples are mostly noise and the VAE's are not.
 `--fid` then measures the model as the seed assignment does (see fid.py): as many samples as the
 checkpoint's data has validation images, class proportions matched for a conditional model, both sets
 quantised to uint8 and preprocessed alike; prints FID and KID (or FD_eval, KID_eval and the class
-accuracy of conditional samples with `--fid-features evaluator`).
+accuracy of conditional samples with `--fid-features evaluator`). Without --fid-features it measures
+with the features the run was trained with (`auto` for the GAN: FID if the Inception weights are here).
 """
 import argparse
 import inspect
@@ -34,8 +35,10 @@ def main():
     g.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     g.add_argument("--class-label", default=None, help="a class name of the training data: every image of that class")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight w (1: none)")
-    parser.add_argument("--fid", action="store_true", help="also report FID and KID against the validation images")
+    parser.add_argument("--fid", action="store_true", help="also report FID and KID against the validation images "
+                        "(or FD_eval, KID_eval: with the run's own --fid-features unless given)")
     fid.add_metric_flags(parser)
+    parser.set_defaults(fid_features=None)   # None: the features the checkpoint was trained with (see below)
     args = parser.parse_args()
     if args.n < 1:
         raise common.UserError(f"--n must be at least 1, got {args.n}")
@@ -71,6 +74,7 @@ def sample_options(model, ckpt, args, device):
 def report_sample_quality(model, ckpt, args, device):
     """The checkpoint's own validation split is the reference: same data, size, channels and seed."""
     data_name, (channels, size, _) = ckpt["train_args"]["data"], ckpt["image_shape"]
+    args.fid_features = args.fid_features or ckpt["train_args"].get("fid_features", ["inception"])
     data = common.load_data(data_name, size, channels)
     _, val_idx = common.split_indices(len(data.images), ckpt["train_args"]["seed"])
     quality = fid.SampleQuality(fid.extractors_from_args(args, data_name, size, device), data.images[val_idx],

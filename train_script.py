@@ -23,24 +23,23 @@ import common
 import conv_ae
 import ddpm
 import fid
+import gan
 import mlp_ae
 import vae
-from common import UserError
+from common import TrainingDiverged, UserError
 
 MODELS = {
     "MLPAE": mlp_ae,
     "AE": conv_ae,
     "VAE": vae,
     "diffusion": ddpm,
+    "GAN": gan,
 }
 
 # The common flags and their defaults; a model's TRAIN_DEFAULTS override these.
 COMMON_DEFAULTS = dict(epochs=20, batch_size=16, lr=1e-3, lr_decay=1.0, lr_decay_every=10, optimizer="adam",
-                       momentum=0.0, weight_decay=0.0, val_every=1, patience=5, flip=False, fid_every=0)
-
-
-class TrainingDiverged(Exception):
-    pass
+                       momentum=0.0, weight_decay=0.0, val_every=1, patience=5, flip=False, fid_every=0,
+                       adam_beta1=0.9)
 
 
 def build_parser(model_name=None, add_help=True):
@@ -70,6 +69,8 @@ def build_parser(model_name=None, add_help=True):
     g.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=defaults["optimizer"],
                    help=f"(default: {defaults['optimizer']})")
     g.add_argument("--momentum", type=float, default=defaults["momentum"], help="SGD momentum (default: 0, plain SGD)")
+    g.add_argument("--adam-beta1", type=float, default=defaults["adam_beta1"],
+                   help=f"Adam's beta1, the decay of its gradient average (default: {defaults['adam_beta1']})")
     g.add_argument("--weight-decay", type=float, default=defaults["weight_decay"], help="(default: 0)")
     g.add_argument("--val-every", type=int, default=defaults["val_every"], help="validate every N epochs (default: 1)")
     g.add_argument("--patience", type=int, default=defaults["patience"],
@@ -87,6 +88,7 @@ def build_parser(model_name=None, add_help=True):
                         f"default: {defaults['fid_every']})")
     g.add_argument("--fid-samples", type=int, default=0, help="(default 0: as many as validation images)")
     fid.add_metric_flags(g)
+    parser.set_defaults(**module.TRAIN_DEFAULTS)   # a model may also default the metric flags (--fid-features)
     common.add_config_flags(parser, module.Config, f"{model_name} options (from {module.__name__}.py)")
     return parser
 
@@ -124,7 +126,7 @@ def make_optimizer(params, args):
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     optimizer_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_cls(params, lr=args.lr, weight_decay=args.weight_decay)
+    return optimizer_cls(params, lr=args.lr, betas=(args.adam_beta1, 0.999), weight_decay=args.weight_decay)
 
 
 def gradient_step(model, x, y, optimizers):
@@ -287,6 +289,7 @@ def train(argv=None):
                 s.step()
             record = {"epoch": epoch, "train_loss": train_terms["loss"], "val_loss": None, "lr": lr}
             line = f"epoch {epoch} train_loss {train_terms['loss']:.6g}"
+            line += "".join(f" {k} {v:.4g}" for k, v in train_terms.items() if k != "loss")   # e.g. a GAN's D(x)
             for k, v in train_terms.items():
                 writer.add_scalar(f"train/{k}", v, epoch)
             marker, score = "", None   # score: what Best is chosen on, when measured this epoch
