@@ -24,6 +24,7 @@ import conv_ae
 import ddpm
 import fid
 import gan
+import latent_diffusion
 import mlp_ae
 import vae
 from common import TrainingDiverged, UserError
@@ -34,6 +35,7 @@ MODELS = {
     "VAE": vae,
     "diffusion": ddpm,
     "GAN": gan,
+    "LDM": latent_diffusion,
 }
 
 # The common flags and their defaults; a model's TRAIN_DEFAULTS override these.
@@ -207,8 +209,18 @@ def resume_settings(args, ckpt, argv):
 
 
 def train(argv=None):
+    """Parse the flags and train. A model module with `stages(args)` trains as the runs it yields, in order."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    module = MODELS[args.model]
+    result = None
+    for run_args in module.stages(args) if hasattr(module, "stages") else [args]:
+        result = train_run(run_args, argv)
+    return result
+
+
+def train_run(args, argv):
+    """One run: models/Best_<run>.pth and Last_<run>.pth. Returns (model, best metric)."""
     module = MODELS[args.model]
     models_dir = Path(args.models_dir)
     last_path, best_path = models_dir / f"Last_{args.run_name}.pth", models_dir / f"Best_{args.run_name}.pth"
@@ -246,6 +258,8 @@ def train(argv=None):
         shuffle_rng.set_state(ckpt["rng"]["shuffle"])
         start_epoch, best, bad_validations = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["bad_validations"]
         history = list(ckpt["history"])
+    elif hasattr(model, "prepare"):   # once, before the first epoch of a new run
+        model.prepare(data, train_images)
 
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # not frozen copies (EMA)
     print(f"# {args.model} on {data.source}: {len(train_idx)} train / {len(val_idx)} val images of "
@@ -296,6 +310,7 @@ def train(argv=None):
             if epoch % args.val_every == 0 or epoch == args.epochs:
                 val_terms = evaluate(model, val_images, val_labels, args, device)
                 record["val_loss"] = val_terms["loss"]
+                record.update({f"val_{k}": v for k, v in val_terms.items() if k != "loss"})
                 line += f" val_loss {val_terms['loss']:.6g}"
                 for k, v in val_terms.items():
                     writer.add_scalar(f"val/{k}", v, epoch)
