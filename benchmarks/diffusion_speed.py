@@ -1,0 +1,130 @@
+"""Speed of ddpm.py on this machine: training images/s and GFLOP/s, sampling time, and diffusers at the same size.
+
+    flock /tmp/genlab_cpu.lock python benchmarks/diffusion_speed.py --data ../shared/data/flowers
+    flock /tmp/genlab_cpu.lock python benchmarks/diffusion_speed.py --data ../shared/data/flowers --diffusers
+
+FLOPs are counted with torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention; a
+multiply-add is 2 FLOPs) for one training step, and divided by the measured time of a step. The reference
+is a plain fp32 2048 x 2048 matmul. diffusers is only needed for --diffusers (pip install diffusers; it is
+not a dependency of genlab).
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+import ddpm  # noqa: E402
+from train_script import COMMON_DEFAULTS  # noqa: E402
+
+
+def timed(fn, repeats):
+    fn()   # warm-up (oneDNN picks its kernels on the first call)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - started) / repeats
+
+
+def matmul_gflops():
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    return 2 * 2048 ** 3 / timed(lambda: a @ b, 10) / 1e9
+
+
+def batches(data, batch_size):
+    """Endless training batches of the real data, as the training loop makes them (flips included)."""
+    generator = torch.Generator().manual_seed(0)
+    while True:
+        yield from common.iterate_batches(data.images, data.labels, batch_size, generator, flip=True)
+
+
+def step_speed(step, batch_iter, batch_size, repeats):
+    """(images/s, GFLOP per step, GFLOP/s) of `step(x, y)` on full batches."""
+    def one():
+        x, y = next(batch_iter)
+        while len(x) < batch_size:   # the last, short batch of an epoch
+            x, y = next(batch_iter)
+        step(x, y)
+    with FlopCounterMode(display=False) as counter:
+        one()
+    seconds = timed(one, repeats)
+    flops = counter.get_total_flops()
+    return batch_size / seconds, flops / 1e9, flops / seconds / 1e9
+
+
+def ours(data, repeats, full_ddpm):
+    config = ddpm.Config()
+    model = ddpm.Model(config, data.image_shape, len(data.class_names))
+    defaults = {**COMMON_DEFAULTS, **ddpm.TRAIN_DEFAULTS}
+    optimizers = {"model": torch.optim.Adam(model.parameter_groups()["model"], lr=defaults["lr"])}
+    n_params = sum(p.numel() for p in model.unet.parameters())
+    batch_size = defaults["batch_size"]
+    rate, gflop, gflops = step_speed(lambda x, y: model.train_step(x, y, optimizers), batches(data, batch_size),
+                                     batch_size, repeats)
+    print(f"genlab diffusion: {n_params:,} parameters, batch {batch_size}: {rate:.1f} images/s, "
+          f"{gflop:.2f} GFLOP/step, {gflops:.1f} GFLOP/s", flush=True)
+    model.eval()
+    started = time.perf_counter()
+    model.sample(64, torch.Generator().manual_seed(0))
+    ddim = time.perf_counter() - started
+    print(f"sampling 64 images with DDIM-50: {ddim:.1f} s", flush=True)
+    if full_ddpm:
+        started = time.perf_counter()
+        model.sample(64, torch.Generator().manual_seed(0), sampler="ddpm")
+        print(f"sampling 64 images with DDPM-1000: {time.perf_counter() - started:.1f} s", flush=True)
+    else:   # one network call a step, as DDIM's: 1000 steps cost 20 times 50
+        print(f"sampling 64 images with DDPM-1000: about {20 * ddim:.0f} s (20 x DDIM-50; --full-ddpm to run it)")
+
+
+def theirs(data, repeats, batch_size):
+    """diffusers' UNet2DModel + DDPMScheduler, the same training step (eps-MSE, Adam, clipping), ~ the same size."""
+    from diffusers import DDPMScheduler, UNet2DModel
+    unet = UNet2DModel(sample_size=data.image_shape[1], in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(32, 64, 64), norm_num_groups=32,
+                       down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                       num_class_embeds=len(data.class_names) + 1)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    optimizer = torch.optim.Adam(unet.parameters(), lr=6e-4)
+
+    def step(x, y):
+        x0 = x * 2 - 1
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (len(x0),))
+        loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, class_labels=y).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+
+    n_params = sum(p.numel() for p in unet.parameters())
+    rate, gflop, gflops = step_speed(step, batches(data, batch_size), batch_size, repeats)
+    print(f"diffusers UNet2DModel + DDPMScheduler: {n_params:,} parameters, batch {batch_size}: {rate:.1f} images/s, "
+          f"{gflop:.2f} GFLOP/step, {gflops:.1f} GFLOP/s", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="../shared/data/flowers")
+    parser.add_argument("--image-size", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=20, help="timed training steps")
+    parser.add_argument("--diffusers", action="store_true", help="also time diffusers at the same parameter count")
+    parser.add_argument("--full-ddpm", action="store_true", help="time DDPM-1000 sampling too (20x DDIM-50's time)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")
+    print(f"fp32 2048x2048 matmul: {matmul_gflops():.1f} GFLOP/s", flush=True)
+    data = common.load_data(args.data, args.image_size)
+    ours(data, args.repeats, args.full_ddpm)
+    if args.diffusers:
+        theirs(data, args.repeats, ddpm.TRAIN_DEFAULTS["batch_size"])
+    print(f"# load average {os.getloadavg()[0]:.2f} at the end")
+
+
+if __name__ == "__main__":
+    main()
