@@ -46,16 +46,19 @@ class Config:
 
 
 def beta_schedule(name, T):
-    """b_1 .. b_T in float64. Linear and sigmoid are scaled by 1000/T (Nichol & Dhariwal), so ab_T ~ 0 for any T."""
+    """b_1 .. b_T in float64, at most 0.999 (so ab_t > 0). Linear and sigmoid are scaled by 1000/T
+    (Nichol & Dhariwal), so ab_T ~ 0 for any T."""
     scale = 1000 / T
     if name == "linear":      # b from 1e-4 to 0.02 at T = 1000
-        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
-    if name == "sigmoid":     # the skeleton's sigmoid(linspace(-6, 6, T)), spanning DDPM's range of b
-        return scale * (1e-4 + (0.02 - 1e-4) * torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)))
-    if name == "cosine":      # ab(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008
+        b = torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
+    elif name == "sigmoid":   # the skeleton's sigmoid(linspace(-6, 6, T)), spanning DDPM's range of b
+        b = scale * (1e-4 + (0.02 - 1e-4) * torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)))
+    elif name == "cosine":    # ab(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008
         f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
-        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    raise UserError(f"unknown --schedule {name}; choose linear, cosine or sigmoid")
+        b = 1 - f[1:] / f[:-1]
+    else:
+        raise UserError(f"unknown --schedule {name}; choose linear, cosine or sigmoid")
+    return b.clamp(max=0.999)
 
 
 def timestep_embedding(t, freqs):
