@@ -177,7 +177,8 @@ def first_stage_mismatch(ckpt, data_name, image_size, channels, config):
         return f"it was trained on --data {ckpt['data']}, not {data_name}"
     shape = ckpt["image_shape"]
     if shape[1] != image_size or (channels is not None and shape[0] != channels):
-        return f"it was trained on {shape[0]}x{shape[1]}x{shape[2]} images, not {channels or shape[0]}x{image_size}x{image_size}"
+        return (f"it was trained on {shape[0]}x{shape[1]}x{shape[2]} images, "
+                f"not {channels or shape[0]}x{image_size}x{image_size}")
     for key in AUTOENCODER_FIELDS:
         if ckpt["config"][key] != getattr(config, key):
             flag = "--" + key.replace("_", "-")
@@ -229,7 +230,8 @@ class LatentDiffusion(ddpm.Model):
                             "epoch": ckpt["epoch"], "val_psnr": best.get("val_psnr")}
         print(f"# stage 2 on the autoencoder {path} (fingerprint {self.first_stage['fingerprint']}, epoch "
               f"{ckpt['epoch']}, val PSNR {best.get('val_psnr', math.nan):.2f} dB): latents "
-              f"{'x'.join(map(str, self.image_shape))}, scale s = 1/std(z) = {self.latent_scale.item():.4f}", flush=True)
+              f"{'x'.join(map(str, self.image_shape))}, scale s = 1/std(z) = {self.latent_scale.item():.4f}",
+              flush=True)
 
     @torch.no_grad()
     def latents(self, x, generator=None):
@@ -274,7 +276,8 @@ def stages(args):
     if args.stage not in ("autoencoder", "diffusion", "both"):
         raise UserError(f"unknown --stage {args.stage}; choose autoencoder, diffusion or both")
     if args.autoencoder and args.stage != "diffusion":
-        raise UserError("--autoencoder PATH is for --stage diffusion; stage 1 writes <models-dir>/Best_<run>_autoencoder.pth")
+        raise UserError("--autoencoder PATH is for --stage diffusion; stage 1 writes "
+                        "<models-dir>/Best_<run>_autoencoder.pth")
     ae_run = f"{args.run_name}_autoencoder"
     ae_path = Path(args.models_dir) / f"Best_{ae_run}.pth"
     stage1 = argparse.Namespace(**{**vars(args), "stage": "autoencoder", "run_name": ae_run, "epochs": args.ae_epochs,
