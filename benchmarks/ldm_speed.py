@@ -33,7 +33,8 @@ def cpu_seconds(pid):
 
 def budget(seconds, command):
     started = time.perf_counter()
-    process = subprocess.Popen(command)
+    # SIGINT back to its default in the child: a background job inherits it ignored, and Ctrl-C would be lost
+    process = subprocess.Popen(command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     used = 0.0
     while process.poll() is None:
         try:
