@@ -18,7 +18,7 @@ import torch
 
 import common
 import fid
-from train_script import MODELS, load_model
+from train_script import MODELS, checkpoint_data, load_model
 
 
 def main():
@@ -73,10 +73,9 @@ def sample_options(model, ckpt, args, device):
 
 def report_sample_quality(model, ckpt, args, device):
     """The checkpoint's own validation split is the reference: same data, size, channels and seed."""
-    data_name, (channels, size, _) = ckpt["train_args"]["data"], ckpt["image_shape"]
+    data_name, size = ckpt["train_args"]["data"], ckpt["image_shape"][1]
     args.fid_features = args.fid_features or ckpt["train_args"].get("fid_features", ["inception"])
-    data = common.load_data(data_name, size, channels)
-    _, val_idx = common.split_indices(len(data.images), ckpt["train_args"]["seed"])
+    data, _, val_idx = checkpoint_data(ckpt)
     quality = fid.SampleQuality(fid.extractors_from_args(args, data_name, size, device), data.images[val_idx],
                                 data.labels[val_idx], seed=args.seed)
     print(f"{fid.format_metrics(quality(model, device))} ({len(val_idx)} samples vs the {len(val_idx)} "

@@ -124,6 +124,14 @@ def load_model(path, expected_model=None, device="cpu"):
     return model.to(device), ckpt
 
 
+def checkpoint_data(ckpt, data=None):
+    """The data a checkpoint was trained on (or `data` instead) at its image shape, and its split.
+    Returns (ImageData, train indices, validation indices)."""
+    channels, size = ckpt["image_shape"][0], ckpt["image_shape"][1]
+    images = common.load_data(data or ckpt["train_args"]["data"], size, channels)
+    return (images, *common.split_indices(len(images.images), ckpt["train_args"]["seed"]))
+
+
 def make_optimizer(params, args):
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import common
-from train_script import MODELS, load_model
+from train_script import MODELS, checkpoint_data, load_model
 
 
 def plot_history(history, title, path):
@@ -63,10 +63,7 @@ def main():
     out = Path(args.out_dir)
     written = []
     if hasattr(model, "reconstruct"):
-        train_args = ckpt["train_args"]
-        channels = ckpt["image_shape"][0]
-        data = common.load_data(args.data or train_args["data"], ckpt["image_shape"][1], channels)
-        train_idx, val_idx = common.split_indices(len(data.images), train_args["seed"])
+        data, train_idx, val_idx = checkpoint_data(ckpt, args.data)
         for split, idx in (("train", train_idx), ("valid", val_idx)):
             path = out / f"{split}_{args.model}.png"
             save_reconstructions(model, data.images[idx[:args.n]], path, device)
