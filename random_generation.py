@@ -32,7 +32,8 @@ def main():
     g = parser.add_argument_group("sampler options (for models whose sample() takes them, e.g. diffusion)")
     g.add_argument("--sampler", default=None, help="e.g. ddpm (ancestral, T steps) or ddim")
     g.add_argument("--steps", type=int, default=None, help="sampling steps (DDIM)")
-    g.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    g.add_argument("--eta", type=float, default=None,
+                   help="DDIM noise: 0 deterministic, 1 DDPM-like (the diffusion default)")
     g.add_argument("--class-label", default=None, help="a class name of the training data: every image of that class")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight w (1: none)")
     parser.add_argument("--fid", action="store_true", help="also report FID and KID against the validation images "
