@@ -249,7 +249,7 @@ class LatentDiffusion(ddpm.Model):
         return self.autoencoder.reconstruct(x)
 
     @torch.no_grad()
-    def denoising_process(self, n, generator=None, frames=10, sampler="ddim", steps=50, eta=1.0, labels=None,
+    def denoising_process(self, n, generator=None, frames=10, sampler="ddim", steps=50, eta=ddpm.DDIM_ETA, labels=None,
                           guidance=1.0):
         """ddpm's reverse process on latents, each frame decoded: (frames, n, C, H, W) in [0, 1], x = D(z / s).
         ddpm.Model.sample (the last frame) and its sampler options work unchanged."""
