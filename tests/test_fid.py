@@ -3,7 +3,6 @@ pytorch-fid's weight file layout, preprocessing, the offline evaluator, and the 
 fid.py's CLI, train_script.py and random_generation.py. The Inception weights used here are random:
 they exercise the code path only and no number from them is an FID."""
 import dataclasses
-import sys
 import types
 import urllib.error
 
