@@ -57,31 +57,16 @@ def step_speed(step, batch_iter, batch_size, repeats):
     return batch_size / seconds, flops / 1e9, flops / seconds / 1e9
 
 
-def ours(data, repeats, full_ddpm):
-    config = ddpm.Config()
-    model = ddpm.Model(config, data.image_shape, len(data.class_names))
-    defaults = {**COMMON_DEFAULTS, **ddpm.TRAIN_DEFAULTS}
-    optimizers = {"model": torch.optim.Adam(model.parameter_groups()["model"], lr=defaults["lr"])}
+def ours(data):
+    """genlab's default diffusion model and its training step (loss, backward, clipping, Adam, EMA)."""
+    model = ddpm.Model(ddpm.Config(), data.image_shape, len(data.class_names))
+    lr = {**COMMON_DEFAULTS, **ddpm.TRAIN_DEFAULTS}["lr"]
+    optimizers = {"model": torch.optim.Adam(model.parameter_groups()["model"], lr=lr)}
     n_params = sum(p.numel() for p in model.unet.parameters())
-    batch_size = defaults["batch_size"]
-    rate, gflop, gflops = step_speed(lambda x, y: model.train_step(x, y, optimizers), batches(data, batch_size),
-                                     batch_size, repeats)
-    print(f"genlab diffusion: {n_params:,} parameters, batch {batch_size}: {rate:.1f} images/s, "
-          f"{gflop:.2f} GFLOP/step, {gflops:.1f} GFLOP/s", flush=True)
-    model.eval()
-    started = time.perf_counter()
-    model.sample(64, torch.Generator().manual_seed(0))
-    ddim = time.perf_counter() - started
-    print(f"sampling 64 images with DDIM-50: {ddim:.1f} s", flush=True)
-    if full_ddpm:
-        started = time.perf_counter()
-        model.sample(64, torch.Generator().manual_seed(0), sampler="ddpm")
-        print(f"sampling 64 images with DDPM-1000: {time.perf_counter() - started:.1f} s", flush=True)
-    else:   # one network call a step, as DDIM's: 1000 steps cost 20 times 50
-        print(f"sampling 64 images with DDPM-1000: about {20 * ddim:.0f} s (20 x DDIM-50; --full-ddpm to run it)")
+    return model, (lambda x, y: model.train_step(x, y, optimizers)), n_params
 
 
-def theirs(data, repeats, batch_size):
+def theirs(data):
     """diffusers' UNet2DModel + DDPMScheduler, the same training step (eps-MSE, Adam, clipping), ~ the same size."""
     from diffusers import DDPMScheduler, UNet2DModel
     unet = UNet2DModel(sample_size=data.image_shape[1], in_channels=3, out_channels=3, layers_per_block=1,
@@ -102,17 +87,30 @@ def theirs(data, repeats, batch_size):
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
 
-    n_params = sum(p.numel() for p in unet.parameters())
-    rate, gflop, gflops = step_speed(step, batches(data, batch_size), batch_size, repeats)
-    print(f"diffusers UNet2DModel + DDPMScheduler: {n_params:,} parameters, batch {batch_size}: {rate:.1f} images/s, "
-          f"{gflop:.2f} GFLOP/step, {gflops:.1f} GFLOP/s", flush=True)
+    return step, sum(p.numel() for p in unet.parameters())
+
+
+def sampling_times(model, full_ddpm):
+    model.eval()
+    started = time.perf_counter()
+    model.sample(64, torch.Generator().manual_seed(0))
+    ddim = time.perf_counter() - started
+    print(f"sampling 64 images with DDIM-50: {ddim:.1f} s", flush=True)
+    if full_ddpm:
+        started = time.perf_counter()
+        model.sample(64, torch.Generator().manual_seed(0), sampler="ddpm")
+        print(f"sampling 64 images with DDPM-1000: {time.perf_counter() - started:.1f} s", flush=True)
+    else:   # one network call a step, as DDIM's: 1000 steps cost 20 times 50
+        print(f"sampling 64 images with DDPM-1000: about {20 * ddim:.0f} s (20 x DDIM-50; --full-ddpm to run it)")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="../shared/data/flowers")
     parser.add_argument("--image-size", type=int, default=24)
-    parser.add_argument("--repeats", type=int, default=20, help="timed training steps")
+    parser.add_argument("--repeats", type=int, default=8, help="timed training steps a round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; with --diffusers, ours and theirs alternate, "
+                        "so that a change in the machine's speed meets both")
     parser.add_argument("--diffusers", action="store_true", help="also time diffusers at the same parameter count")
     parser.add_argument("--full-ddpm", action="store_true", help="time DDPM-1000 sampling too (20x DDIM-50's time)")
     args = parser.parse_args()
@@ -120,9 +118,18 @@ def main():
     print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")
     print(f"fp32 2048x2048 matmul: {matmul_gflops():.1f} GFLOP/s", flush=True)
     data = common.load_data(args.data, args.image_size)
-    ours(data, args.repeats, args.full_ddpm)
+    batch_size = ddpm.TRAIN_DEFAULTS["batch_size"]
+    model, our_step, n_params = ours(data)
+    contenders = [(f"genlab diffusion: {n_params:,} parameters", our_step)]
     if args.diffusers:
-        theirs(data, args.repeats, ddpm.TRAIN_DEFAULTS["batch_size"])
+        their_step, their_params = theirs(data)
+        contenders.append((f"diffusers UNet2DModel + DDPMScheduler: {their_params:,} parameters", their_step))
+    for round_ in range(args.rounds):
+        for name, step in contenders:
+            rate, gflop, gflops = step_speed(step, batches(data, batch_size), batch_size, args.repeats)
+            print(f"round {round_ + 1}, {name}, batch {batch_size}: {rate:.1f} images/s, {gflop:.2f} GFLOP/step, "
+                  f"{gflops:.1f} GFLOP/s", flush=True)
+    sampling_times(model, args.full_ddpm)
     print(f"# load average {os.getloadavg()[0]:.2f} at the end")
 
 
