@@ -5,7 +5,8 @@ The loop knows models only through MODELS. A model module provides `Config` (its
 with `loss(x, y, generator) -> {"loss": ..., other terms}`. A model that needs more than one
 optimiser step per batch defines `train_step(x, y, optimizers)` and `parameter_groups()`.
 
-Each epoch prints one line to stdout (`epoch <n> train_loss <x> [val_loss <y>] lr <lr> time <s>s [*best*]`);
+Each epoch prints one line to stdout (`epoch <n> train_loss <x> [<term> <x> ...] [val_loss <y> [val_<term> <y>
+...]] lr <lr> time <s>s [*best*]`, the terms being the model's loss terms besides the loss, e.g. a PSNR);
 the progress bar goes to stderr. models/Best_<run>.pth is written on each new best validation loss,
 models/Last_<run>.pth every epoch; `--resume` continues from Last exactly where it stopped.
 """
@@ -320,6 +321,7 @@ def train_run(args, argv):
                 record["val_loss"] = val_terms["loss"]
                 record.update({f"val_{k}": v for k, v in val_terms.items() if k != "loss"})
                 line += f" val_loss {val_terms['loss']:.6g}"
+                line += "".join(f" val_{k} {v:.4g}" for k, v in val_terms.items() if k != "loss")   # e.g. PSNR
                 for k, v in val_terms.items():
                     writer.add_scalar(f"val/{k}", v, epoch)
                 writer.add_image("preview", preview(model, fixed_preview, device, args.seed), epoch)

@@ -126,7 +126,10 @@ def test_cli_end_to_end_on_the_bundled_shapes(tmp_path, monkeypatch, capsys):
     result = run_script("train_script.py", "--model", "LDM", *flags, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "# stage 2 on the autoencoder models/Best_LDM_autoencoder.pth" in result.stdout
-    assert result.stdout.count("val_loss") == 2 and "val_loss" in result.stdout
+    assert result.stdout.count("val_loss") == 2
+    stage1_line = next(line for line in result.stdout.splitlines() if line.startswith("epoch 1 "))
+    tokens = stage1_line.split()
+    assert 0 < float(tokens[tokens.index("val_psnr") + 1]) < 100   # stage 1 prints its validation PSNR
     for name in ("Best_LDM_autoencoder", "Last_LDM_autoencoder", "Best_LDM", "Last_LDM"):
         assert (tmp_path / "models" / f"{name}.pth").is_file()
     import random_generation
