@@ -472,6 +472,9 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def __call__(self, images, desc="features", cache=True):
+        if images.dtype != torch.uint8:   # floats in [0, 1] would be read as near-black pixels, silently
+            raise UserError(f"feature extraction takes uint8 images (0-255), got {images.dtype}; convert images "
+                            "in [0, 1] with fid.quantize(images)")
         if self.image_shape is not None and tuple(images.shape[1:]) != tuple(self.image_shape):
             raise UserError(f"the evaluator was trained on {'x'.join(map(str, self.image_shape))} images, these are "
                             f"{'x'.join(map(str, images.shape[1:]))}; train one for this size and channels")

@@ -217,6 +217,8 @@ def test_evaluator_is_accurate_and_its_distance_ranks_real_below_noise(shapes_ev
     assert 0 <= real_vs_real < real_vs_noise / 10
     with pytest.raises(UserError, match="trained on 3x12x12"):
         extractor(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(UserError, match="uint8 images.*fid.quantize"):
+        extractor(common.to_float(data.images[val_idx]))
 
 
 def test_evaluator_needs_classes(tmp_path):
