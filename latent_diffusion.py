@@ -41,12 +41,13 @@ AUTOENCODER_FIELDS = ("ae_downsample", "latent_channels", "ae_width")   # what s
 class Config(ddpm.Config):   # every diffusion flag of ddpm.py, for stage 2, and these
     stage: str = option("both", "autoencoder (stage 1), diffusion (stage 2, on the stage-1 Best checkpoint), "
                                 "or both, one after the other")
-    ae_downsample: int = option(4, "f: the latent of an H x W image is H/f x W/f; 2 or 4")
+    ae_downsample: int = option(2, "f: the latent of an H x W image is H/f x W/f; 2 or 4 (flowers 32x32: 31.9 dB "
+                                   "PSNR at f=2, 24.9 at f=4; see README)")
     latent_channels: int = option(4, "channels of the latent z")
     ae_width: int = option(32, "channels of the autoencoder at full resolution, doubled at each downsampling")
     ae_loss: str = option("l1", "reconstruction loss: l1 (LDM's) or mse")
     kl_weight: float = option(1e-6, "weight of the KL term (LDM's KL autoencoders: 1e-6)")
-    ae_epochs: int = option(20, "epochs of stage 1 (--epochs counts stage 2's)")
+    ae_epochs: int = option(30, "epochs of stage 1 (--epochs counts stage 2's)")
     ae_lr: float = option(2e-3, "learning rate of stage 1 (--lr is stage 2's)")
     autoencoder: str = option("", "stage 2's stage-1 checkpoint (default: <models-dir>/Best_<run>_autoencoder.pth)")
     clip_x0: bool = option(False, "clip the predicted x_0 to [-1, 1] when sampling: off, latents are not bounded")
