@@ -319,9 +319,9 @@ def train_run(args, argv):
             if epoch % args.val_every == 0 or epoch == args.epochs:
                 val_terms = evaluate(model, val_images, val_labels, args, device)
                 record["val_loss"] = val_terms["loss"]
-                record.update({f"val_{k}": v for k, v in val_terms.items() if k != "loss"})
-                line += f" val_loss {val_terms['loss']:.6g}"
-                line += "".join(f" val_{k} {v:.4g}" for k, v in val_terms.items() if k != "loss")   # e.g. PSNR
+                other_terms = {f"val_{k}": v for k, v in val_terms.items() if k != "loss"}   # e.g. val_psnr
+                record.update(other_terms)
+                line += f" val_loss {val_terms['loss']:.6g}" + "".join(f" {k} {v:.4g}" for k, v in other_terms.items())
                 for k, v in val_terms.items():
                     writer.add_scalar(f"val/{k}", v, epoch)
                 writer.add_image("preview", preview(model, fixed_preview, device, args.seed), epoch)
