@@ -20,8 +20,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-# The extensions torchvision's ImageFolder accepts, so a folder is read the same way here.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
 DEFAULT_CACHE_DIR = Path(os.environ.get("GENLAB_CACHE", Path.home() / ".cache" / "genlab"))
 
@@ -86,32 +84,65 @@ class ImageData:
 
 
 def list_image_folder(root):
-    """Files and labels in the order torchvision's ImageFolder gives them.
+    """Files and labels in the order torchvision's ImageFolder gives them, with two things it lacks.
 
-    Class sub-folders give labels (sorted by name, files sorted within each, searched recursively);
-    a folder with images but no class sub-folders is one class named after the folder.
+    As ImageFolder: the classes are `find_classes` (the sub-folder names, sorted), each class folder is
+    walked with links followed, folders sorted by path and files by name, extensions `IMG_EXTENSIONS`.
+    Beyond it: a folder with images but no class sub-folders is one class named after the folder, and
+    every real folder is read once, so a symlink loop neither hangs nor duplicates images.
+    Class folders without images are not classes.
     """
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes  # here: importing torchvision takes ~1.4 s
     root = Path(root)
+    if root.is_file():
+        raise UserError(f"'{root}' is a file, not a folder; pass --data PATH to a folder of images "
+                        "(or class sub-folders), or --data shapes")
     if not root.is_dir():
         raise UserError(f"data folder '{root}' does not exist; pass --data PATH to a folder of images, or --data shapes")
-    class_dirs = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    visited = {os.path.realpath(root)}
+    try:
+        class_dirs = [name for name in find_classes(root)[0] if _first_visit(root / name, visited)]
+    except FileNotFoundError:  # find_classes' way of saying there are no sub-folders
+        class_dirs = []
     files, labels, class_names = [], [], []
     for class_name in class_dirs:
-        found = []
-        for dirpath, _, filenames in sorted(os.walk(root / class_name, followlinks=True)):
-            found += [Path(dirpath) / f for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        found = _walk_images(root / class_name, IMG_EXTENSIONS, visited)
         if found:
             labels += [len(class_names)] * len(found)
             class_names.append(class_name)
             files += found
     if not files:  # flat layout: the images sit in the folder itself
-        files = [root / f for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        files = [root / f for f in sorted(os.listdir(root))
+                 if f.lower().endswith(IMG_EXTENSIONS) and not (root / f).is_dir()]
         labels = [0] * len(files)
         class_names = [root.resolve().name]
     if not files:
-        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in '{root}'; "
+        raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) found in '{root}'; "
                         "put images in it (or in one sub-folder per class)")
     return files, labels, class_names
+
+
+def _first_visit(folder, visited):
+    """True the first time a real folder is met (through any path or link); records it in `visited`."""
+    real = os.path.realpath(folder)
+    if real in visited:
+        return False
+    visited.add(real)
+    return True
+
+
+def _walk_images(folder, extensions, visited):
+    """Image files under `folder` in make_dataset's order: folders sorted by path, files by name.
+
+    A sub-folder whose real folder is in `visited` (the data folder, every class folder, every folder
+    already walked) is not entered, which is what stops a link to `.` or `..` from looping.
+    """
+    walked = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        # Sorted first, so that of two links to one folder the same one is kept on every run.
+        dirnames[:] = [d for d in sorted(dirnames) if _first_visit(os.path.join(dirpath, d), visited)]
+        walked.append((dirpath, sorted(f for f in filenames if f.lower().endswith(extensions))))
+    return [Path(dirpath) / f for dirpath, names in sorted(walked) for f in names]
 
 
 def _to_rgb(img):
