@@ -21,6 +21,11 @@ import torch
 from PIL import Image, ImageDraw
 
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+# What reading a bad file raises: OSError (not an image, truncated, no permission, a dangling link),
+# ValueError and SyntaxError (malformed headers, from some of PIL's decoders), and PIL's refusal of
+# images over Image.MAX_IMAGE_PIXELS (a guard against decompression bombs).
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+CACHE_FORMAT = 2  # bumped when the cached arrays change meaning, so an old cache is never misread
 DEFAULT_CACHE_DIR = Path(os.environ.get("GENLAB_CACHE", Path.home() / ".cache" / "genlab"))
 
 
@@ -155,9 +160,14 @@ def _to_rgb(img):
 
 
 def _decode(path, image_size, channels):
-    """One file to a (C, S, S) uint8 array; resize to S x S as torchvision's Resize((S, S)) does on PIL."""
+    """One file to a (C, S, S) uint8 array; resize to S x S as torchvision's Resize((S, S)) does on PIL.
+
+    channels=None keeps the file's own kind: 1 for a grayscale mode, 3 otherwise.
+    """
     with Image.open(path) as img:
         img.load()
+        if channels is None:
+            channels = 1 if img.mode in GRAYSCALE_MODES else 3
         img = _to_rgb(img) if channels == 3 else _to_rgb(img).convert("L")
         # PIL's bilinear filter is antialiased when shrinking (its support widens with the scale).
         img = img.resize((image_size, image_size), Image.BILINEAR)
@@ -165,52 +175,74 @@ def _decode(path, image_size, channels):
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
-def _is_grayscale(path):
-    with Image.open(path) as img:
-        return img.mode in GRAYSCALE_MODES
-
-
-def _cache_key(root, files, image_size, channels):
-    digest = hashlib.sha256(f"{Path(root).resolve()}|{image_size}|{channels}".encode())
-    for f in files:
-        stat = f.stat()
-        digest.update(f"{f}|{stat.st_mtime_ns}|{stat.st_size}\n".encode())
-    return digest.hexdigest()[:24]
-
-
-def load_image_folder(root, image_size=24, channels=None, cache_dir=DEFAULT_CACHE_DIR, quiet=False):
-    """Decode a folder once and keep it in memory; the decoded arrays are cached on disk.
-
-    The cache key covers the folder's file list, mtimes and sizes, the image size and channels,
-    so a changed folder is decoded again and an unchanged one is never decoded twice.
-    """
-    files, labels, class_names = list_image_folder(root)
-    if channels is None:  # 1 channel only when every image is grayscale
-        channels = 1 if all(_is_grayscale(f) for f in files) else 3
-    if channels not in (1, 3):
-        raise UserError(f"--channels must be 1 or 3, got {channels}")
-    cache_file = Path(cache_dir) / f"{_cache_key(root, files, image_size, channels)}.npz"
-    if cache_file.exists():
-        cached = np.load(cache_file)
-        return ImageData(torch.from_numpy(cached["images"]), torch.from_numpy(cached["labels"]),
-                         json.loads(str(cached["class_names"])), str(root))
-    arrays, kept_labels, failed = [], [], []
+def _decode_files(root, files, labels, image_size, channels):
+    """Decode every readable file: (images (N, C, S, S) uint8, labels, the skipped files as 'path (error)')."""
+    arrays, kept_labels, skipped = [], [], []
     for path, label in zip(files, labels):
         try:
             arrays.append(_decode(path, image_size, channels))
             kept_labels.append(label)
-        except (OSError, ValueError, SyntaxError):
-            failed.append(path.name)
-    if failed:
-        warnings.warn(f"skipped {len(failed)} unreadable image file(s) in '{root}' (e.g. {failed[0]})", stacklevel=2)
+        except UNREADABLE as err:
+            skipped.append(f"{path.relative_to(root)} ({type(err).__name__})")
     if not arrays:
-        raise UserError(f"none of the {len(files)} image files in '{root}' could be read")
+        raise UserError(f"none of the {len(files)} image files in '{root}' could be read (e.g. {skipped[0]}); "
+                        "check that they are images you can open, or pass --data PATH to another folder")
+    if any(a.shape[0] == 3 for a in arrays):  # 1 channel only when every readable image is grayscale
+        # Exactly the 3-channel decoding: grey to RGB copies the value, and the resize acts on each channel alike.
+        arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
     images = np.ascontiguousarray(np.stack(arrays))  # (N, C, H, W) in row-major order, as the cache gives it
-    label_array = np.asarray(kept_labels, dtype=np.int64)
+    return images, np.asarray(kept_labels, dtype=np.int64), skipped
+
+
+def _cache_key(root, files, image_size, channels):
+    digest = hashlib.sha256(f"{CACHE_FORMAT}|{Path(root).resolve()}|{image_size}|{channels}".encode())
+    for f in files:
+        try:
+            stat = f.stat()
+            digest.update(f"{f}|{stat.st_mtime_ns}|{stat.st_size}\n".encode())
+        except OSError:  # a dangling link: skipped as unreadable, and a key all the same
+            digest.update(f"{f}|missing\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def _read_cache(cache_file):
+    with open(cache_file, "rb") as f:  # our own handle: np.load leaks the one it opens when the zip is broken
+        cached = np.load(f)
+        return cached["images"], cached["labels"], json.loads(str(cached["skipped"]))
+
+
+def _write_cache(cache_file, images, labels, skipped):
+    """Write a temporary file, then rename: a crash never leaves a half-written cache under the real name."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=cache_file.parent, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, images=images, labels=label_array, class_names=json.dumps(class_names))
+        np.savez(tmp, images=images, labels=labels, skipped=json.dumps(skipped))
     os.replace(tmp.name, cache_file)
+
+
+def load_image_folder(root, image_size=24, channels=None, cache_dir=DEFAULT_CACHE_DIR):
+    """Decode a folder once and keep it in memory; the decoded arrays are cached on disk.
+
+    The cache key covers the folder's file list, mtimes and sizes, the image size and channels,
+    so a changed folder is decoded again and an unchanged one is never decoded twice. The cache
+    also remembers which files were unreadable, so every run gives the same warning.
+    """
+    if channels not in (None, 1, 3):
+        raise UserError(f"--channels must be 1 or 3, got {channels}")
+    files, labels, class_names = list_image_folder(root)
+    cache_file = Path(cache_dir) / f"{_cache_key(root, files, image_size, channels)}.npz"
+    decoded = None
+    if cache_file.exists():
+        try:
+            decoded = _read_cache(cache_file)
+        except Exception as err:  # truncated, overwritten, half-copied: whatever it is, decode again
+            warnings.warn(f"the data cache '{cache_file}' was unreadable ({type(err).__name__}); "
+                          "decoded the folder again and rebuilt it", stacklevel=2)
+    if decoded is None:
+        decoded = _decode_files(root, files, labels, image_size, channels)
+        _write_cache(cache_file, *decoded)
+    images, label_array, skipped = decoded
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable image file(s) in '{root}' (e.g. {skipped[0]})", stacklevel=2)
     return ImageData(torch.from_numpy(images), torch.from_numpy(label_array), class_names, str(root))
 
 

@@ -97,3 +97,71 @@ def test_data_pointing_to_a_file_says_so(tmp_path):
     (tmp_path / "photo.jpg").write_bytes(b"x")
     with pytest.raises(UserError, match=r"'.*photo.jpg' is a file, not a folder; pass --data PATH to a folder"):
         common.load_data(str(tmp_path / "photo.jpg"), 8)
+
+
+# --- unreadable files and a damaged cache ---------------------------------------------------------
+
+def deny_reading(path, monkeypatch):
+    """chmod 000; as root (who reads anyway) opening the file raises PermissionError as it would for a user."""
+    path.chmod(0)
+    if os.geteuid() == 0:
+        real_open = open
+
+        def guarded_open(file, *args, **kwargs):
+            if os.fspath(file) == os.fspath(path):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", guarded_open)
+
+
+def load_warning(root, cache, **kwargs):
+    """Load a folder; (data, the one warning's text). Fails unless exactly one warning is given."""
+    with pytest.warns(UserWarning) as caught:
+        data = common.load_image_folder(root, 8, cache_dir=cache, **kwargs)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    return data, str(caught[0].message)
+
+
+def test_unreadable_files_are_skipped_counted_in_one_warning_and_remembered_by_the_cache(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    root.mkdir()
+    grey = [np.full((8, 8), v, np.uint8) for v in (10, 120, 250)]
+    for i, g in enumerate(grey):
+        Image.fromarray(g).save(root / f"{i}.png")
+    (root / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (root / "notes.jpg").write_text("a text file named .jpg")
+    os.symlink(tmp_path / "moved_away.png", root / "gone.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)             # 8 x 8 is fine, 20 x 20 is over twice the limit
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(root / "huge.png")  # (an RGB one: the grey files still give 1 channel)
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(root / "locked.png")
+    deny_reading(root / "locked.png", monkeypatch)
+    data, message = load_warning(root, tmp_path / "cache")
+    assert message.startswith(f"skipped 5 unreadable image file(s) in '{root}' (e.g. broken.jpg (")
+    assert np.array_equal(data.images.numpy(), np.stack(grey)[:, None])   # 1 channel: all readable ones are grey
+    monkeypatch.setattr(common, "_decode", lambda *args: pytest.fail("decoded although cached"))
+    cached, cached_message = load_warning(root, tmp_path / "cache")
+    assert cached_message == message and torch.equal(cached.images, data.images)
+
+
+def test_a_folder_with_no_readable_image_is_a_user_error(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"garbage")
+    (tmp_path / "b.png").write_text("")
+    with pytest.raises(UserError, match=r"none of the 2 image files in '.*' could be read \(e.g. a.jpg \("):
+        common.load_image_folder(tmp_path, 8, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_an_unreadable_cache_file_is_rebuilt_with_one_warning(tmp_path, monkeypatch, damage):
+    root = write_image_folder(tmp_path / "data", per_class=2, size=8)
+    cache = tmp_path / "cache"
+    first = common.load_image_folder(root, 8, cache_dir=cache)
+    [cache_file] = cache.iterdir()
+    good = cache_file.read_bytes()
+    cache_file.write_bytes({"garbage": b"\x00garbage" * 50, "truncated": good[:len(good) // 2], "empty": b""}[damage])
+    rebuilt, message = load_warning(root, cache)
+    assert f"the data cache '{cache_file}' was unreadable" in message and "rebuilt" in message
+    assert torch.equal(rebuilt.images, first.images) and torch.equal(rebuilt.labels, first.labels)
+    assert cache_file.read_bytes() == good
+    monkeypatch.setattr(common, "_decode", lambda *args: pytest.fail("decoded although the cache was rebuilt"))
+    common.load_image_folder(root, 8, cache_dir=cache)
