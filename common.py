@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L")
 # What reading a bad file raises: OSError (not an image, truncated, no permission, a dangling link),
 # ValueError and SyntaxError (malformed headers, from some of PIL's decoders), and PIL's refusal of
 # images over Image.MAX_IMAGE_PIXELS (a guard against decompression bombs).
@@ -159,6 +160,17 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
+def _to_8_bit(img):
+    """16-bit grey to L as value * 255 / 65535, rounded (PIL's own conversion clips at 255: near-white images).
+
+    Mode I (32-bit) is how PIL opens many 16-bit files, so it is read on the same 0..65535 scale.
+    """
+    if img.mode not in SIXTEEN_BIT_MODES:
+        return img
+    values = np.clip(np.asarray(img, dtype=np.float64), 0, 65535)
+    return Image.fromarray(np.round(values * 255 / 65535).astype(np.uint8))  # uint8 (H, W): mode L
+
+
 def _decode(path, image_size, channels):
     """One file to a (C, S, S) uint8 array; resize to S x S as torchvision's Resize((S, S)) does on PIL.
 
@@ -166,6 +178,7 @@ def _decode(path, image_size, channels):
     """
     with Image.open(path) as img:
         img.load()
+        img = _to_8_bit(img)
         if channels is None:
             channels = 1 if img.mode in GRAYSCALE_MODES else 3
         img = _to_rgb(img) if channels == 3 else _to_rgb(img).convert("L")

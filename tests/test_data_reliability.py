@@ -165,3 +165,28 @@ def test_an_unreadable_cache_file_is_rebuilt_with_one_warning(tmp_path, monkeypa
     assert cache_file.read_bytes() == good
     monkeypatch.setattr(common, "_decode", lambda *args: pytest.fail("decoded although the cache was rebuilt"))
     common.load_image_folder(root, 8, cache_dir=cache)
+
+
+# --- decoding --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, dtype", [("deep.png", np.uint16), ("deep.tif", np.int32)])  # modes I;16 and I
+def test_16_bit_grey_is_scaled_to_8_bits(tmp_path, name, dtype):
+    gradient = (np.arange(16 * 16).reshape(16, 16) * 257 + np.arange(16)).astype(dtype)   # 0 .. 65535, off the grid
+    Image.fromarray(gradient).save(tmp_path / name)
+    assert Image.open(tmp_path / name).mode == {np.uint16: "I;16", np.int32: "I"}[dtype]
+    data = common.load_image_folder(tmp_path, 16, cache_dir=tmp_path / "cache")
+    expected = np.floor(gradient.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
+    assert data.images.shape == (1, 1, 16, 16) and np.array_equal(data.images[0, 0].numpy(), expected)
+
+
+def test_grey_files_beside_colour_ones_decode_as_their_rgb_conversion(tmp_path):
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (9, 13), dtype=np.uint8)).save(tmp_path / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (9, 13, 2), dtype=np.uint8)).save(tmp_path / "grey_alpha.png")
+    Image.fromarray(rng.integers(0, 256, (11, 7, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
+    data = common.load_image_folder(tmp_path, 6, cache_dir=tmp_path / "cache")
+    alpha = Image.open(tmp_path / "grey_alpha.png").convert("RGBA")
+    on_white = Image.alpha_composite(Image.new("RGBA", alpha.size, (255,) * 4), alpha).convert("RGB")
+    expected = [resized(tmp_path / "grey.png", 6), np.asarray(on_white.resize((6, 6), Image.BILINEAR)).transpose(2, 0, 1),
+                resized(tmp_path / "rgb.png", 6)]
+    assert np.array_equal(data.images.numpy(), np.stack(expected))
