@@ -88,6 +88,15 @@ class ImageData:
     def image_shape(self):
         return tuple(self.images.shape[1:])
 
+    @property
+    def fingerprint(self):
+        """16 hex digits of sha256 over the decoded images, labels and class names: a checkpoint records it,
+        and a resume can tell that the data changed (images added or edited, a class added or renamed)."""
+        digest = hashlib.sha256(json.dumps([list(self.images.shape), self.class_names]).encode())
+        digest.update(self.images.contiguous().numpy().tobytes())
+        digest.update(self.labels.contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
 
 def list_image_folder(root):
     """Files and labels in the order torchvision's ImageFolder gives them, with two things it lacks.
@@ -315,6 +324,10 @@ def split_indices(n, seed=0, train_fraction=0.8):
     seed draws the same permutation, without touching the global RNG.
     """
     n_train = int(train_fraction * n)
+    if n_train < 1 or n - n_train < 1:
+        raise UserError(f"{n} image(s) are too few: the {train_fraction:.0%}/{1 - train_fraction:.0%} train/validation "
+                        f"split leaves {n_train} training and {n - n_train} validation images; "
+                        "use a folder with at least 2 readable images")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[:n_train], perm[n_train:]
 

@@ -190,3 +190,34 @@ def test_grey_files_beside_colour_ones_decode_as_their_rgb_conversion(tmp_path):
     expected = [resized(tmp_path / "grey.png", 6), np.asarray(on_white.resize((6, 6), Image.BILINEAR)).transpose(2, 0, 1),
                 resized(tmp_path / "rgb.png", 6)]
     assert np.array_equal(data.images.numpy(), np.stack(expected))
+
+
+# --- the split and the fingerprint ---------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_too_few_images_for_the_split_is_a_user_error(n):
+    with pytest.raises(UserError, match=rf"^{n} image\(s\) are too few: the 80%/20% train/validation split leaves "
+                                        rf"0 training and {n} validation images; use a folder with at least 2"):
+        common.split_indices(n)
+    train_idx, val_idx = common.split_indices(2)
+    assert len(train_idx) == 1 and len(val_idx) == 1
+
+
+def test_fingerprint_is_the_same_for_the_same_data_and_changes_with_it(tmp_path):
+    root = write_image_folder(tmp_path / "data", per_class=3, size=6)
+    decoded = common.load_image_folder(root, 6, cache_dir=tmp_path / "cache")
+    cached = common.load_image_folder(root, 6, cache_dir=tmp_path / "cache")
+    copied = common.load_image_folder(write_image_folder(tmp_path / "copy", per_class=3, size=6), 6,
+                                      cache_dir=tmp_path / "cache")
+    assert len(decoded.fingerprint) == 16 and int(decoded.fingerprint, 16) >= 0
+    assert decoded.fingerprint == cached.fingerprint == copied.fingerprint
+    Image.new("RGB", (6, 6)).save(root / "b" / "new.png")
+    one_more_image = common.load_image_folder(root, 6, cache_dir=tmp_path / "cache")
+    write_image_folder(root, per_class=1, size=6, classes=("c",))
+    one_more_class = common.load_image_folder(root, 6, cache_dir=tmp_path / "cache")
+    (root / "c").rename(root / "d")
+    renamed_class = common.load_image_folder(root, 6, cache_dir=tmp_path / "cache")
+    fingerprints = {d.fingerprint for d in (decoded, one_more_image, one_more_class, renamed_class)}
+    assert len(fingerprints) == 4
+    shapes = common.make_shapes(n=18)
+    assert shapes.fingerprint == common.make_shapes(n=18).fingerprint != common.make_shapes(n=18, seed=1).fingerprint
