@@ -163,6 +163,20 @@ def test_grid_places_images_row_by_row(tmp_path):
     assert both.shape[1] == 2 * (4 + 4)
 
 
+def test_saved_grid_is_torchvision_save_image_scaled_up(tmp_path):
+    from torchvision.utils import save_image
+
+    halves = torch.arange(1, 510, 2, dtype=torch.float32)[:240] / 510        # 255 x = k + 1/2: rounding decides
+    images = torch.cat([halves, torch.tensor([-0.5, 1.5] * 60)]).reshape(10, 3, 4, 3)   # and values outside [0, 1]
+    common.save_image_grid(images, tmp_path / "ours.png", nrow=4, scale=3)
+    save_image(images.clamp(0, 1), tmp_path / "torchvision.png", nrow=4, padding=2, pad_value=1.0)
+    reference = np.asarray(Image.open(tmp_path / "torchvision.png"))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "ours.png")), reference.repeat(3, axis=0).repeat(3, axis=1))
+    top_left = reference[2:6, 2:5].transpose(2, 0, 1).ravel()
+    assert top_left.tolist() == [(k + 1) // 2 for k in range(1, 72, 2)]     # floor(255 x + 0.5), not round-half-even
+    assert reference[0].min() == 255 and reference[-1].min() == 255         # white padding
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "flowers").is_dir(), reason="shared flowers data not present")
 def test_flowers_folder_as_the_nn_lab_uses_it(tmp_path):
     data = common.load_image_folder(SHARED_DATA / "flowers", 24, cache_dir=tmp_path)
