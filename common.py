@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L")
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L")  # made 8-bit L first, so not listed as grayscale below
+GRAYSCALE_MODES = ("1", "L", "LA", "F")
 # What reading a bad file raises: OSError (not an image, truncated, no permission, a dangling link),
 # ValueError and SyntaxError (malformed headers, from some of PIL's decoders), and PIL's refusal of
 # images over Image.MAX_IMAGE_PIXELS (a guard against decompression bombs).
