@@ -5,6 +5,7 @@ visualization.py and random_generation.py find them through the one registry dic
 """
 import argparse
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -39,32 +40,79 @@ class TrainingDiverged(Exception):
 
 
 def run_cli(main):
-    """Run `main()`; a UserError becomes `error: ...` on stderr and exit status 2."""
+    """Run `main()`; a UserError becomes `error: ...` on stderr and exit status 2, Ctrl-C exit status 130."""
     try:
         main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
-def option(default, help):
-    """A Config field with its --help text: `lr: float = option(1e-3, "learning rate")`."""
-    return dataclasses.field(default=default, metadata={"help": help})
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's errors: one line `error: <problem> (see <prog> --help)`, exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def checked(kind, low=None, high=None, below=None):
+    """An argparse type for numbers: `kind` (int or float), finite, >= low, <= high and < below where given."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got '{text}'")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if (low is not None and value < low) or (high is not None and value > high) or \
+                (below is not None and value >= below):
+            bounds = [f">= {low}" if low is not None else "", f"<= {high}" if high is not None else "",
+                      f"< {below}" if below is not None else ""]
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(b for b in bounds if b)}, got {text}")
+        return value
+    return parse
+
+
+def option(default, help, choices=None, low=None, high=None):
+    """A Config field with its --help text: `lr: float = option(1e-3, "learning rate", low=0)`; `choices` limits a
+    value to a set, `low` and `high` a number (or each number of a tuple) to a range."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high})
+
+
+def describe_default(value):
+    """A default as --help shows it: on/off for booleans, space-separated for tuples."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(str, value))
+    return str(value)
 
 
 def add_config_flags(parser, config_cls, title):
-    """Every field of a Config dataclass becomes a flag: `encoding_dim` -> `--encoding-dim`."""
+    """Every field of a Config dataclass becomes a flag: `encoding_dim` -> `--encoding-dim`, with its help,
+    its default and, for options with a fixed set of values, its choices."""
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        help_text = f"{f.metadata.get('help', '')} (default: {describe_default(f.default)})"
+        choices = f.metadata.get("choices")
+        kind = type(f.default[0]) if isinstance(f.default, tuple) else type(f.default)
+        if kind in (int, float) and choices is None:
+            kind = checked(kind, f.metadata.get("low"), f.metadata.get("high"))
         if isinstance(f.default, bool):
             group.add_argument(flag, dest=f.name, default=f.default, action=argparse.BooleanOptionalAction,
-                               help=f.metadata.get("help", ""))
+                               help=help_text)
         elif isinstance(f.default, tuple):
-            group.add_argument(flag, dest=f.name, default=f.default, nargs="+", type=type(f.default[0]), help=help_text)
+            group.add_argument(flag, dest=f.name, default=f.default, nargs="+", type=kind, help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, default=f.default, type=type(f.default), help=help_text)
+            group.add_argument(flag, dest=f.name, default=f.default, type=kind, choices=choices, help=help_text)
 
 
 def config_from_args(config_cls, args):
@@ -393,17 +441,50 @@ def comparison_grid(rows, nrow=8):
 # ----------------------------------------------------------------------------------------------
 
 def save_checkpoint(state, path):
-    """Write atomically: a temporary file in the same folder, then rename, so a crash never leaves a broken file."""
+    """Write atomically and durably: a temporary file in the same folder, flushed to the disk (fsync), then renamed
+    over `path` and the rename made durable too; a crash or power cut leaves the old file or the new one, never a
+    partial one. A failed write is one UserError and leaves the previous file as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(state, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as err:
+        raise UserError(f"could not save '{path}' ({err.strerror or err}); the previous file, if any, is intact; "
+                        "free some space or pass a writable --models-dir") from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(*paths):
+    """Delete what a killed save_checkpoint of these paths left behind (<name>*.tmp beside each)."""
+    for path in map(Path, paths):
+        for stale in path.parent.glob(glob.escape(path.name) + "*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+def output_dir(path, flag):
+    """A folder to write into, created if needed and checked before any work, so a bad one fails in one line."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} '{path}' is a file, not a folder; pass a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to {flag} '{path}' ({err.strerror or err}); pass a writable folder") from err
+    return path
 
 
 def load_checkpoint(path):

@@ -1,4 +1,4 @@
-"""Convolutional autoencoder: the NN Lab's second model (Part 2).
+"""Convolutional autoencoder: convolutions and pooling down to a small code, transposed convolutions back up.
 
 C x H x W -> 32 x H/2 x W/2 -> 64 x H/4 x W/4 -> 128 x H/4 x W/4 -> Linear -> encoding_dim
           -> Linear -> 128 x H/4 x W/4 -> 64 x H/4 x W/4 -> 32 x H/2 x W/2 -> C x H x W
@@ -7,7 +7,7 @@ a sigmoid output in [0, 1], trained on the mean squared error (mlp_ae.Autoencode
 
     python train_script.py --model AE > log/train_AE.out                        # Adam, the fast default
     python train_script.py --model AE --optimizer sgd --lr 1.0 --epochs 60 \\
-        --lr-decay 1 > log/train_AE_SGD.out                                      # the NN Lab's plain-SGD baseline
+        --lr-decay 1 > log/train_AE_SGD.out                                      # plain SGD, the slow baseline
     python visualization.py --model AE
 """
 from dataclasses import dataclass
@@ -22,13 +22,12 @@ TRAIN_DEFAULTS = dict(epochs=15, lr=1e-3, batch_size=8, lr_decay=0.5, lr_decay_e
 
 @dataclass
 class Config:
-    encoding_dim: int = option(64, "size of the code between encoder and decoder")
+    encoding_dim: int = option(64, "size of the code between encoder and decoder", low=1)
 
 
 class Model(Autoencoder):
     def __init__(self, config, image_shape, num_classes=1):
-        super().__init__()
-        self.config = config
+        super().__init__(config, image_shape)
         channels, height, width = image_shape
         if height % 4 or width % 4:
             raise UserError(f"AE needs an image size divisible by 4, got {height}x{width}; pass e.g. --image-size 24")

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import TrainingDiverged, UserError, option
+from contract import GenerativeModel
 
 # DCGAN's optimiser (Adam, lr 2e-4, beta1 0.5) and batch; Best by sample quality every 2 epochs, measured
 # with FID when the Inception weights are present, else with the offline evaluator (fid.py --fid-features auto).
@@ -48,17 +49,19 @@ D_WON = 0.99   # D(x) above this and D(G(z)) below 1 - this: D tells every image
 
 @dataclass
 class Config:
-    latent_dim: int = option(100, "size of z ~ N(0, I) (DCGAN: 100)")
-    ngf: int = option(64, "channels of G's last hidden layer, doubled at each smaller size (DCGAN: 64)")
-    ndf: int = option(64, "channels of D's first layer, doubled at each smaller size (DCGAN: 64)")
-    loss: str = option("nonsaturating", "nonsaturating (Goodfellow et al. 2014) or hinge (Lim & Ye 2017)")
+    latent_dim: int = option(100, "size of z ~ N(0, I) (DCGAN: 100)", low=1)
+    ngf: int = option(64, "channels of G's last hidden layer, doubled at each smaller size (DCGAN: 64)", low=1)
+    ndf: int = option(64, "channels of D's first layer, doubled at each smaller size (DCGAN: 64)", low=1)
+    loss: str = option("nonsaturating", "nonsaturating (Goodfellow et al. 2014) or hinge (Lim & Ye 2017)",
+                       choices=LOSSES)
     spectral_norm: bool = option(False, "spectral normalisation of D's weights, instead of its BatchNorm "
                                         "(Miyato et al. 2018)")
     conditional: bool = option(False, "condition on the class when the data has several: label embedding in G "
                                       "(Mirza & Osindero 2014), projection D (Miyato & Koyama 2018)")
-    ema_decay: float = option(0.999, "EMA decay of G's weights, which sampling uses (Yazici et al. 2019); 0: G itself")
+    ema_decay: float = option(0.999, "EMA decay of G's weights, which sampling uses (Yazici et al. 2019); 0: G itself",
+                              low=0, high=1)
     divergence_steps: int = option(500, f"stop when D(x) > {D_WON} and D(G(z)) < {1 - D_WON:.2g} for this many steps "
-                                        "in a row (D has won; G no longer learns); 0: never")
+                                        "in a row (D has won; G no longer learns); 0: never", low=0)
 
 
 def size_plan(size):
@@ -154,12 +157,12 @@ def generator_loss(fake_logits, kind):
     return F.softplus(-fake_logits).mean()
 
 
-class Model(nn.Module):
+class Model(GenerativeModel):
     selects_by_sample_quality = True   # Best and early stopping follow FID / FD_eval, not a loss
+    sample_options = ()
 
     def __init__(self, config, image_shape, num_classes=1):
-        super().__init__()
-        self.config, self.image_shape = config, tuple(image_shape)
+        super().__init__(config, image_shape)
         channels, height, width = image_shape
         if height != width:
             raise UserError(f"GAN needs square images, got {height}x{width}")
@@ -168,8 +171,7 @@ class Model(nn.Module):
         self.num_classes = num_classes if config.conditional and num_classes > 1 else 0
         self.generator = Generator(config, channels, height, self.num_classes)
         self.discriminator = Discriminator(config, channels, height, self.num_classes)
-        self.ema = copy.deepcopy(self.generator).requires_grad_(False)   # sampling uses these weights
-        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self.init_ema("generator", config.ema_decay)   # sampling uses these weights, BatchNorm statistics included
         self.register_buffer("d_won_steps", torch.zeros((), dtype=torch.long))   # steps in a row that D won
 
     @property
@@ -177,7 +179,7 @@ class Model(nn.Module):
         return self.num_classes > 0
 
     def parameter_groups(self):
-        return {"discriminator": self.discriminator.parameters(), "generator": self.generator.parameters()}
+        return {"discriminator": self.discriminator, "generator": self.generator}
 
     def noise(self, n, generator=None):
         """z ~ N(0, I), (n, latent_dim)."""
@@ -198,40 +200,30 @@ class Model(nn.Module):
         return self.report(discriminator_loss(real_logits, fake_logits, self.config.loss),
                            generator_loss(fake_logits, self.config.loss), real_logits, fake_logits)
 
+    def discriminator_terms(self, real, z, labels):
+        """D's loss on real images and on G(z), generated without a graph: this step updates D only."""
+        with torch.no_grad():
+            fake = self.generator(z, labels)
+        real_logits, fake_logits = self.discriminator(real, labels), self.discriminator(fake, labels)
+        return {"loss": discriminator_loss(real_logits, fake_logits, self.config.loss),
+                "D_x": torch.sigmoid(real_logits).mean(), "D_G_z": torch.sigmoid(fake_logits).mean()}
+
+    def generator_terms(self, z, labels):
+        return {"loss": generator_loss(self.discriminator(self.generator(z, labels), labels), self.config.loss)}
+
     def train_step(self, x, y, optimizers):
         """One D step on a real batch and as many generated images, then one G step on the same z."""
         real, labels = x * 2 - 1, (y if self.conditional else None)                 # [0, 1] -> [-1, 1]
-        fake = self.generator(self.noise(len(x)), labels)   # generated for the real batch's labels
-        ############################
-        # (1) Update D network: maximize log(D(x)) + log(1 - D(G(z)))
-        ############################
-        real_logits, fake_logits = self.discriminator(real, labels), self.discriminator(fake.detach(), labels)
-        loss_d = discriminator_loss(real_logits, fake_logits, self.config.loss)
-        optimizers["discriminator"].zero_grad(set_to_none=True)
-        loss_d.backward()
-        optimizers["discriminator"].step()
-        ############################
-        # (2) Update G network: maximize log(D(G(z)))
-        ############################
-        loss_g = generator_loss(self.discriminator(fake, labels), self.config.loss)
-        optimizers["generator"].zero_grad(set_to_none=True)
-        loss_g.backward()
-        optimizers["generator"].step()
+        z = self.noise(len(x))
+        # (1) Update D: minimise discriminator_loss on real images and G(z), for the real batch's labels
+        d_terms = optimizers.step("discriminator", self.discriminator_terms, real, z, labels)
+        # (2) Update G: minimise generator_loss, D's verdict on G(z)
+        g_terms = optimizers.step("generator", self.generator_terms, z, labels)
         self.update_ema()
-        terms = {k: v.detach() for k, v in self.report(loss_d, loss_g, real_logits, fake_logits).items()}
+        terms = {"loss": d_terms["loss"], "loss_D": d_terms["loss"], "loss_G": g_terms["loss"],
+                 "D_x": d_terms["D_x"], "D_G_z": d_terms["D_G_z"]}
         self.check_divergence(terms)
         return terms
-
-    @torch.no_grad()
-    def update_ema(self):
-        """ema <- d ema + (1 - d) theta, d = min(ema_decay, (1 + n) / (10 + n)) after n updates, so the
-        random initial weights are forgotten fast. BatchNorm's running statistics are averaged alike."""
-        n = self.ema_updates.item()
-        decay = min(self.config.ema_decay, (1 + n) / (10 + n))
-        pairs = [(e, g) for e, g in zip(self.ema.state_dict().values(), self.generator.state_dict().values())
-                 if e.is_floating_point()]
-        torch._foreach_lerp_([e for e, _ in pairs], [g for _, g in pairs], 1 - decay)
-        self.ema_updates += 1
 
     def check_divergence(self, terms):
         """TrainingDiverged on a NaN/inf loss, or when D has won completely for divergence_steps steps in a row."""

@@ -31,7 +31,10 @@ import torch.nn as nn
 
 import common
 import ddpm
+import vae
 from common import UserError, option
+from contract import GenerativeModel
+from unet import group_norm
 
 TRAIN_DEFAULTS = dict(ddpm.TRAIN_DEFAULTS)
 AUTOENCODER_FIELDS = ("ae_downsample", "latent_channels", "ae_width")   # what stage 2 must share with stage 1
@@ -40,15 +43,15 @@ AUTOENCODER_FIELDS = ("ae_downsample", "latent_channels", "ae_width")   # what s
 @dataclass
 class Config(ddpm.Config):   # every diffusion flag of ddpm.py, for stage 2, and these
     stage: str = option("both", "autoencoder (stage 1), diffusion (stage 2, on the stage-1 Best checkpoint), "
-                                "or both, one after the other")
-    ae_downsample: int = option(2, "f: the latent of an H x W image is H/f x W/f; 2 or 4 (flowers 32x32: 31.9 dB "
-                                   "PSNR at f=2, 24.9 at f=4; see README)")
-    latent_channels: int = option(4, "channels of the latent z")
-    ae_width: int = option(32, "channels of the autoencoder at full resolution, doubled at each downsampling")
-    ae_loss: str = option("l1", "reconstruction loss: l1 (LDM's) or mse")
-    kl_weight: float = option(1e-6, "weight of the KL term (LDM's KL autoencoders: 1e-6)")
-    ae_epochs: int = option(30, "epochs of stage 1 (--epochs counts stage 2's)")
-    ae_lr: float = option(2e-3, "learning rate of stage 1 (--lr is stage 2's)")
+                                "or both, one after the other", choices=("autoencoder", "diffusion", "both"))
+    ae_downsample: int = option(2, "f: the latent of an H x W image is H/f x W/f (docs/results.md compares 2 and 4)",
+                                choices=(2, 4))
+    latent_channels: int = option(4, "channels of the latent z", low=1)
+    ae_width: int = option(32, "channels of the autoencoder at full resolution, doubled at each downsampling", low=1)
+    ae_loss: str = option("l1", "reconstruction loss: l1 (LDM's) or mse", choices=("l1", "mse"))
+    kl_weight: float = option(1e-6, "weight of the KL term (LDM's KL autoencoders: 1e-6)", low=0)
+    ae_epochs: int = option(30, "epochs of stage 1, the autoencoder (--epochs counts stage 2's)", low=1)
+    ae_lr: float = option(2e-3, "learning rate of stage 1, the autoencoder (--lr is stage 2's)", low=0)
     autoencoder: str = option("", "stage 2's stage-1 checkpoint (default: <models-dir>/Best_<run>_autoencoder.pth)")
     clip_x0: bool = option(False, "clip the predicted x_0 to [-1, 1] when sampling: off, latents are not bounded")
 
@@ -58,8 +61,8 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in, c_out):
         super().__init__()
-        self.body = nn.Sequential(ddpm.group_norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
-                                  ddpm.group_norm(c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.body = nn.Sequential(group_norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
+                                  group_norm(c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1))
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x):
@@ -80,7 +83,7 @@ class Encoder(nn.Module):
         layers = [nn.Conv2d(channels, widths[0], 3, padding=1)]
         for c_in, c_out in zip(widths, widths[1:]):
             layers += [ResBlock(c_in, c_in), nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)]   # (B, c_out, H/2, W/2)
-        layers += [ResBlock(widths[-1], widths[-1]), ddpm.group_norm(widths[-1]), nn.SiLU(),
+        layers += [ResBlock(widths[-1], widths[-1]), group_norm(widths[-1]), nn.SiLU(),
                    nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)]             # (B, 2c, H/f, W/f)
         self.net = nn.Sequential(*layers)
 
@@ -98,7 +101,7 @@ class Decoder(nn.Module):
         for c_in, c_out in zip(widths, widths[1:]):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1),
                        ResBlock(c_out, c_out)]                                                  # (B, c_out, 2h, 2w)
-        layers += [ddpm.group_norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], channels, 3, padding=1)]
+        layers += [group_norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):
@@ -110,12 +113,15 @@ def psnr(x_hat, x):
     return -10 * torch.log10((x_hat.clamp(0, 1) - x).pow(2).flatten(1).mean(1).clamp(min=1e-10))
 
 
-class Autoencoder(nn.Module):
-    """Stage 1: q(z|x) with a spatial z, and the decoder D."""
+class Autoencoder(GenerativeModel):
+    """Stage 1: q(z|x) with a spatial z, and the decoder D. It has no prior to sample from."""
+
+    generates = False
+    reconstructs = True
+    preview = "reconstructions"
 
     def __init__(self, config, image_shape, num_classes=1):
-        super().__init__()
-        self.config = config
+        super().__init__(config, image_shape)
         channels, height, width = image_shape
         f = config.ae_downsample
         if f not in (2, 4):
@@ -145,13 +151,13 @@ class Autoencoder(nn.Module):
         x_hat = self.decode(z)
         error = (x_hat - x).abs() if self.config.ae_loss == "l1" else (x_hat - x).pow(2)
         reconstruction = error.flatten(1).sum(1).mean()                           # summed over pixels
-        kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).flatten(1).sum(1).mean()   # vae.py's KL, per element
+        kl = vae.kl_to_standard_normal(mu.flatten(1), logvar.flatten(1)).mean()          # summed over z, per image
         terms = {"loss": reconstruction + self.config.kl_weight * kl, "reconstruction": reconstruction, "kl": kl}
         if not self.training:
             terms["psnr"] = psnr(x_hat, x).mean()
         return terms
 
-    def sample(self, n, generator=None):
+    def sample(self, n, generator=None, labels=None, **options):
         raise UserError("a stage-1 LDM checkpoint is an autoencoder without a sampler; sample from the stage-2 "
                         "checkpoint (models/Best_LDM.pth)")
 
@@ -188,6 +194,8 @@ def first_stage_mismatch(ckpt, data_name, image_size, channels, config):
 
 class LatentDiffusion(ddpm.Model):
     """Stage 2: ddpm.Model on the latent shape (c, H/f, W/f), fed s z, z ~ q(z|x) of the frozen autoencoder."""
+
+    reconstructs = True   # stage 1's reconstructions, in visualization.py; previews and samples are generated
 
     def __init__(self, config, image_shape, num_classes=1):
         channels, height, width = image_shape
@@ -248,14 +256,9 @@ class LatentDiffusion(ddpm.Model):
         """Stage 1's D(mu), for the reconstruction pictures."""
         return self.autoencoder.reconstruct(x)
 
-    @torch.no_grad()
-    def denoising_process(self, n, generator=None, frames=10, sampler="ddim", steps=50, eta=ddpm.DDIM_ETA, labels=None,
-                          guidance=1.0):
-        """ddpm's reverse process on latents, each frame decoded: (frames, n, C, H, W) in [0, 1], x = D(z / s).
-        ddpm.Model.sample (the last frame) and its sampler options work unchanged."""
-        zs = self.reverse_process(n, generator, frames, sampler, steps, eta, labels, guidance)   # (F, n, c, h, w)
-        images = self.autoencoder.decode(zs.flatten(0, 1) / self.latent_scale)                   # (F n, C, H, W)
-        return images.clamp(0, 1).unflatten(0, zs.shape[:2])
+    def to_images(self, z):
+        """Latents s z to images in [0, 1]: x = D(z / s). ddpm's samplers and denoising picture work unchanged."""
+        return self.autoencoder.decode(z.flatten(0, -4) / self.latent_scale).clamp(0, 1).unflatten(0, z.shape[:-3])
 
 
 def Model(config, image_shape, num_classes=1):
@@ -273,8 +276,6 @@ def stages(args):
     Stage 1 is the run <run>_autoencoder, with --ae-epochs and --ae-lr; stage 2 the run <run>, on stage 1's Best. With
     `both`, an existing stage-1 Best that fits the data, image size and autoencoder flags is reused, and
     `--resume` continues stage 2 if it has begun, else stage 1 and then a new stage 2."""
-    if args.stage not in ("autoencoder", "diffusion", "both"):
-        raise UserError(f"unknown --stage {args.stage}; choose autoencoder, diffusion or both")
     if args.autoencoder and args.stage != "diffusion":
         raise UserError("--autoencoder PATH is for --stage diffusion; stage 1 writes "
                         "<models-dir>/Best_<run>_autoencoder.pth")
@@ -283,6 +284,8 @@ def stages(args):
     stage1 = argparse.Namespace(**{**vars(args), "stage": "autoencoder", "run_name": ae_run, "epochs": args.ae_epochs,
                                            "lr": args.ae_lr})
     stage2 = argparse.Namespace(**{**vars(args), "stage": "diffusion", "autoencoder": args.autoencoder or str(ae_path)})
+    print(f"# LDM: stage 1, the autoencoder, trains --ae-epochs {args.ae_epochs} at --ae-lr {args.ae_lr:g}; "
+          f"stage 2, diffusion on its latents, --epochs {args.epochs} at --lr {args.lr:g}", flush=True)
     if args.stage == "autoencoder":
         yield stage1
         return

@@ -1,4 +1,4 @@
-"""MLP autoencoder: the NN Lab's first model (Part 1).
+"""MLP autoencoder: an image flattened to one vector, squeezed through a small code and back.
 
 Every pixel goes into one vector, so the network ignores the image's spatial structure:
 3*H*W -> 256 -> 128 -> encoding_dim -> 128 -> 256 -> 3*H*W, ReLU hidden layers, a sigmoid output
@@ -14,18 +14,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import option
+from contract import GenerativeModel
 
-# Common training flags that differ from train_script.py's defaults for this model.
+# This model's defaults for the common training flags.
 TRAIN_DEFAULTS = dict(epochs=60, lr=2e-3, batch_size=16, lr_decay=0.5, lr_decay_every=20, patience=10)
 
 
 @dataclass
 class Config:
-    encoding_dim: int = option(64, "size of the code between encoder and decoder")
+    encoding_dim: int = option(64, "size of the code between encoder and decoder", low=1)
 
 
-class Autoencoder(nn.Module):
+class Autoencoder(GenerativeModel):
     """x -> encoder -> code -> decoder -> x_hat, trained on mean((x_hat - x)^2). conv_ae.py reuses it."""
+
+    reconstructs = True
+    preview = "reconstructions"
 
     def forward(self, x):
         return self.decoder(self.encoder(x))
@@ -37,7 +41,7 @@ class Autoencoder(nn.Module):
         return {"loss": F.mse_loss(self(x), x)}
 
     @torch.no_grad()
-    def sample(self, n, generator=None):
+    def sample(self, n, generator=None, labels=None):
         """decoder(z), z ~ N(0, I): a plain autoencoder never shaped its codes like N(0, I), so this shows why it fails."""
         device = next(self.parameters()).device
         z = torch.randn(n, self.config.encoding_dim, generator=generator, device=device)
@@ -46,8 +50,7 @@ class Autoencoder(nn.Module):
 
 class Model(Autoencoder):
     def __init__(self, config, image_shape, num_classes=1):
-        super().__init__()
-        self.config = config
+        super().__init__(config, image_shape)
         pixels = image_shape[0] * image_shape[1] * image_shape[2]
         self.encoder = nn.Sequential(
             nn.Flatten(),                                          # (B, C*H*W)

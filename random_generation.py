@@ -4,71 +4,89 @@ The model is rebuilt from its checkpoint alone (models/Best_<MODEL>.pth unless -
 For the autoencoders this is decoder(z) with z ~ N(0, I); a plain AE's codes were never shaped
 like N(0, I), which is why its samples are mostly noise and the VAE's are not.
 
-`--fid` then measures the model as the seed assignment does (see fid.py): as many samples as the
-checkpoint's data has validation images, class proportions matched for a conditional model, both sets
-quantised to uint8 and preprocessed alike; prints FID and KID (or FD_eval, KID_eval and the class
-accuracy of conditional samples with `--fid-features evaluator`). Without --fid-features it measures
-with the features the run was trained with (`auto` for the GAN: FID if the Inception weights are here).
+`--fid` then measures the samples against the checkpoint's validation split (see fid.py): as many samples as
+validation images, class proportions matched for a conditional model, both sets quantised to uint8 and
+preprocessed alike; prints FID and KID (or FD_eval, KID_eval and the class accuracy of conditional samples with
+`--fid-features evaluator`). Without --fid-features it measures with the features the run was trained with
+(`auto` for the GAN: FID if the Inception weights are here, else the offline evaluator).
 """
-import argparse
-import inspect
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 import common
 import fid
+from common import UserError
 from train_script import MODELS, checkpoint_data, load_model
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--model", required=True, choices=list(MODELS))
-    parser.add_argument("--checkpoint", default=None, help="default: models/Best_<MODEL>.pth")
-    parser.add_argument("--n", type=int, default=64, help="how many images (default: 64)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the noise, so the same seed gives the same picture")
-    parser.add_argument("--out", default=None, help="default: vis/random_images_<MODEL>.png")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    g = parser.add_argument_group("sampler options (for models whose sample() takes them, e.g. diffusion)")
-    g.add_argument("--sampler", default=None, help="e.g. ddpm (ancestral, T steps) or ddim")
-    g.add_argument("--steps", type=int, default=None, help="sampling steps (DDIM)")
-    g.add_argument("--eta", type=float, default=None,
-                   help="DDIM noise: 0 deterministic, 1 DDPM-like (the diffusion default)")
-    g.add_argument("--class-label", default=None, help="a class name of the training data: every image of that class")
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight w (1: none)")
+    parser = common.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, choices=list(MODELS), help="which model's checkpoint to sample")
+    parser.add_argument("--checkpoint", default=None, help="the checkpoint (default: models/Best_<MODEL>.pth)")
+    parser.add_argument("--n", type=common.checked(int, 1), default=64, help="how many images (default: 64)")
+    parser.add_argument("--seed", type=common.checked(int, 0), default=0,
+                        help="seeds the noise, so the same seed gives the same picture (default: 0)")
+    parser.add_argument("--out", default=None, help="the picture, .png or .jpg (default: vis/random_images_<MODEL>.png)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                        help="where to run the model; auto: cuda, else mps, else cpu (default: auto)")
+    g = parser.add_argument_group("sampler options (for models that take them: see each model's sample_options)")
+    g.add_argument("--sampler", default=None, help="diffusion: ddim, dpmpp or ddpm (default: ddim)")
+    g.add_argument("--steps", type=common.checked(int, 1), default=None,
+                   help="network evaluations of the sampler (default: the model's, e.g. 50 for DDIM)")
+    g.add_argument("--eta", type=common.checked(float, 0), default=None,
+                   help="DDIM noise: 0 deterministic, 1 DDPM-like (default: the model's)")
+    g.add_argument("--class-label", default=None,
+                   help="a class name or index of the training data: every image of that class")
+    g.add_argument("--guidance", type=common.checked(float), default=None,
+                   help="classifier-free guidance weight w; 1: the conditional model alone (default: 1)")
     parser.add_argument("--fid", action="store_true", help="also report FID and KID against the validation images "
                         "(or FD_eval, KID_eval: with the run's own --fid-features unless given)")
     fid.add_metric_flags(parser)
     parser.set_defaults(fid_features=None)   # None: the features the checkpoint was trained with (see below)
     args = parser.parse_args()
-    if args.n < 1:
-        raise common.UserError(f"--n must be at least 1, got {args.n}")
+    out = Path(args.out or f"vis/random_images_{args.model}.png")
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise UserError(f"--out '{out}' has no picture extension PIL can write; end it in .png or .jpg")
     device = common.pick_device(args.device)
     model, ckpt = load_model(args.checkpoint or f"models/Best_{args.model}.pth", args.model, device)
+    if not model.generates:
+        raise UserError(f"'{args.checkpoint or f'models/Best_{args.model}.pth'}' holds a model that does not "
+                        "generate (an autoencoder stage); sample from the run's generative checkpoint")
     model.eval()
     options = sample_options(model, ckpt, args, device)
+    common.output_dir(out.parent, "--out")
     images = model.sample(args.n, torch.Generator(device).manual_seed(args.seed), **options)
-    path = common.save_image_grid(images.cpu(), Path(args.out or f"vis/random_images_{args.model}.png"))
+    path = common.save_image_grid(images.cpu(), out)
     print(f"wrote {path}")
     if args.fid:
         report_sample_quality(model, ckpt, args, device)
 
 
+def class_index(label, names):
+    """A --class-label given as a class name or as an index into the checkpoint's class names."""
+    if label in names:
+        return names.index(label)
+    if label.isdigit() and int(label) < len(names):
+        return int(label)
+    raise UserError(f"unknown --class-label '{label}'; the classes are: "
+                    + ", ".join(f"{i} {name}" for i, name in enumerate(names)))
+
+
 def sample_options(model, ckpt, args, device):
     """The sampler flags that were given, as keywords of model.sample; an error for one it does not take."""
     options = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "guidance") if getattr(args, k) is not None}
-    if args.class_label is not None:
-        if not getattr(model, "conditional", False):
-            raise common.UserError(f"--class-label needs a class-conditional model; this {args.model} model is not")
-        names = list(ckpt["class_names"])
-        if args.class_label not in names:
-            raise common.UserError(f"unknown --class-label '{args.class_label}'; the classes are: {', '.join(names)}")
-        options["labels"] = torch.full((args.n,), names.index(args.class_label), dtype=torch.long, device=device)
-    accepted = inspect.signature(model.sample).parameters
     for key in options:
-        if key not in accepted:
-            flag = "--class-label" if key == "labels" else "--" + key
-            raise common.UserError(f"{flag} does not apply to the {args.model} model (its sample() does not take it)")
+        if key not in model.sample_options:
+            raise UserError(f"--{key} does not apply to the {args.model} model; it takes "
+                            + (", ".join(f"--{k}" for k in model.sample_options) or "no sampler options"))
+    if (args.class_label is not None or args.guidance is not None) and not model.conditional:
+        raise UserError(f"--class-label and --guidance need a class-conditional model; this {args.model} model is "
+                        "not (trained on one class, or unconditional)")
+    if args.class_label is not None:
+        label = class_index(args.class_label, list(ckpt["class_names"]))
+        options["labels"] = torch.full((args.n,), label, dtype=torch.long, device=device)
     return options
 
 

@@ -1,14 +1,12 @@
 """Train any model of genlab: `python train_script.py --model VAE > log/train_VAE.out`.
 
-The loop knows models only through MODELS. A model module provides `Config` (its flags),
-`TRAIN_DEFAULTS` (its defaults for the common flags) and `Model(config, image_shape, num_classes)`
-with `loss(x, y, generator) -> {"loss": ..., other terms}`. A model that needs more than one
-optimiser step per batch defines `train_step(x, y, optimizers)` and `parameter_groups()`.
-
-Each epoch prints one line to stdout (`epoch <n> train_loss <x> [<term> <x> ...] [val_loss <y> [val_<term> <y>
-...]] lr <lr> time <s>s [*best*]`, the terms being the model's loss terms besides the loss, e.g. a PSNR);
-the progress bar goes to stderr. models/Best_<run>.pth is written on each new best validation loss,
-models/Last_<run>.pth every epoch; `--resume` continues from Last exactly where it stopped.
+The loop knows models only through MODELS and the contract in contract.py. Each epoch builds one record
+(training terms, validation terms, sample-quality metrics, lr, wall and CPU time); the stdout line, the
+TensorBoard scalars and the checkpoint's history are all derived from it. stdout gets one line per epoch,
+`epoch <n> train_loss <x> [train_<term> <x> ...] [val_loss <y> [val_<term> <y> ...]] [<metric> <m> ...] lr <lr>
+time <s>s [*best*]`, and lines starting with `#` for run information; the progress bar goes to stderr.
+models/Best_<run>.pth is written on each new best, models/Last_<run>.pth at the end of every epoch; `--resume`
+continues from Last exactly where it stopped. An existing run is never replaced without `--overwrite`.
 """
 import argparse
 import dataclasses
@@ -21,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import contract
 import conv_ae
 import ddpm
 import fid
@@ -28,7 +27,7 @@ import gan
 import latent_diffusion
 import mlp_ae
 import vae
-from common import TrainingDiverged, UserError
+from common import TrainingDiverged, UserError, checked
 
 MODELS = {
     "MLPAE": mlp_ae,
@@ -39,57 +38,75 @@ MODELS = {
     "LDM": latent_diffusion,
 }
 
-# The common flags and their defaults; a model's TRAIN_DEFAULTS override these.
+# The common flags' defaults; a model's TRAIN_DEFAULTS override these.
 COMMON_DEFAULTS = dict(epochs=20, batch_size=16, lr=1e-3, lr_decay=1.0, lr_decay_every=10, optimizer="adam",
-                       momentum=0.0, weight_decay=0.0, val_every=1, patience=5, flip=False, fid_every=0,
-                       adam_beta1=0.9)
+                       momentum=0.0, weight_decay=0.0, grad_clip=0.0, grad_accum=1, val_every=1, patience=5,
+                       flip=False, fid_every=0, adam_beta1=0.9)
+# What --resume may change; every other flag comes back from the checkpoint.
+CHANGEABLE_ON_RESUME = {"epochs", "patience", "device", "resume", "overwrite", "model", "run_name", "models_dir",
+                        "log_dir"}
 
 
 def build_parser(model_name=None, add_help=True):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False, add_help=add_help,
-                                     epilog=None if model_name else "`--model X --help` lists the flags of model X")
+    parser = common.ArgumentParser(description=__doc__.split("\n")[0], add_help=add_help,
+                                   epilog=None if model_name else "`--model X --help` lists the flags of model X")
     parser.add_argument("--model", required=add_help, choices=list(MODELS), help="which model to train")
     if model_name is None:
         return parser
     module = MODELS[model_name]
-    defaults = {**COMMON_DEFAULTS, **module.TRAIN_DEFAULTS}
+    d = {**COMMON_DEFAULTS, **module.TRAIN_DEFAULTS}
     g = parser.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="a folder of images (class sub-folders give labels) or 'shapes', "
                    "the built-in dataset (default: shapes)")
-    g.add_argument("--image-size", type=int, default=24, help="images are resized to this square size (default: 24)")
+    g.add_argument("--image-size", type=checked(int, 4), default=24, help="images are resized to this square size "
+                   "(default: 24)")
     g.add_argument("--channels", type=int, choices=(1, 3), default=None,
                    help="1 or 3 (default: 1 when every image is grayscale, else 3)")
-    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=defaults["flip"],
-                   help="random horizontal flips of training images")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=d["flip"],
+                   help=f"random horizontal flips of training images (default: {common.describe_default(d['flip'])})")
     g = parser.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=defaults["epochs"], help=f"total epochs (default: {defaults['epochs']})")
-    g.add_argument("--batch-size", type=int, default=defaults["batch_size"], help=f"(default: {defaults['batch_size']})")
-    g.add_argument("--lr", type=float, default=defaults["lr"], help=f"learning rate (default: {defaults['lr']})")
-    g.add_argument("--lr-decay", type=float, default=defaults["lr_decay"],
-                   help=f"multiply the lr by this every --lr-decay-every epochs (default: {defaults['lr_decay']})")
-    g.add_argument("--lr-decay-every", type=int, default=defaults["lr_decay_every"],
-                   help=f"(default: {defaults['lr_decay_every']})")
-    g.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=defaults["optimizer"],
-                   help=f"(default: {defaults['optimizer']})")
-    g.add_argument("--momentum", type=float, default=defaults["momentum"], help="SGD momentum (default: 0, plain SGD)")
-    g.add_argument("--adam-beta1", type=float, default=defaults["adam_beta1"],
-                   help=f"Adam's beta1, the decay of its gradient average (default: {defaults['adam_beta1']})")
-    g.add_argument("--weight-decay", type=float, default=defaults["weight_decay"], help="(default: 0)")
-    g.add_argument("--val-every", type=int, default=defaults["val_every"], help="validate every N epochs (default: 1)")
-    g.add_argument("--patience", type=int, default=defaults["patience"],
-                   help=f"stop after this many validations without a new best (default: {defaults['patience']})")
-    g.add_argument("--seed", type=int, default=0, help="seeds the split (as the NN Lab: manual_seed(0)) and training")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    g.add_argument("--resume", action="store_true", help="continue from models/Last_<run>.pth with its settings")
+    g.add_argument("--epochs", type=checked(int, 1), default=d["epochs"], help=f"total epochs (default: {d['epochs']})")
+    g.add_argument("--batch-size", type=checked(int, 1), default=d["batch_size"],
+                   help=f"images per optimiser step (default: {d['batch_size']})")
+    g.add_argument("--grad-accum", type=checked(int, 1), default=d["grad_accum"],
+                   help="split each batch into this many micro-batches, one backward pass each, and step once: "
+                        f"the gradient of the whole batch in less memory (default: {d['grad_accum']})")
+    g.add_argument("--lr", type=checked(float, 0), default=d["lr"], help=f"learning rate (default: {d['lr']})")
+    g.add_argument("--lr-decay", type=checked(float, 0), default=d["lr_decay"],
+                   help=f"multiply the lr by this every --lr-decay-every epochs (default: {d['lr_decay']})")
+    g.add_argument("--lr-decay-every", type=checked(int, 1), default=d["lr_decay_every"],
+                   help=f"epochs between two lr decays (default: {d['lr_decay_every']})")
+    g.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=d["optimizer"],
+                   help=f"adam, adamw (decoupled weight decay) or sgd (default: {d['optimizer']})")
+    g.add_argument("--momentum", type=checked(float, 0), default=d["momentum"],
+                   help=f"SGD momentum (default: {d['momentum']}, plain SGD)")
+    g.add_argument("--adam-beta1", type=checked(float, 0, below=1), default=d["adam_beta1"],
+                   help=f"Adam's beta1, the decay of its gradient average (default: {d['adam_beta1']})")
+    g.add_argument("--weight-decay", type=checked(float, 0), default=d["weight_decay"],
+                   help=f"L2 penalty (adam, sgd) or decoupled decay (adamw) (default: {d['weight_decay']})")
+    g.add_argument("--grad-clip", type=checked(float, 0), default=d["grad_clip"],
+                   help=f"clip the gradient norm to this; 0: off (default: {d['grad_clip']})")
+    g.add_argument("--val-every", type=checked(int, 1), default=d["val_every"],
+                   help=f"validate every N epochs and at the last (default: {d['val_every']})")
+    g.add_argument("--patience", type=checked(int, 1), default=d["patience"],
+                   help=f"stop after this many validations without a new best (default: {d['patience']})")
+    g.add_argument("--seed", type=checked(int, 0), default=0, help="seeds the 80/20 split (as torch.manual_seed(seed) "
+                   "then random_split) and training (default: 0)")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="where to train; auto: cuda, else mps, else cpu (default: auto)")
+    g.add_argument("--resume", action="store_true", help="continue from <models-dir>/Last_<run>.pth with its settings")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run of the same --run-name "
+                   "(without it, a new run never replaces saved checkpoints)")
     g.add_argument("--run-name", default=None, help="names checkpoints and the log folder (default: the model name)")
     g.add_argument("--models-dir", default="models", help="where checkpoints go (default: models)")
     g.add_argument("--log-dir", default="log", help="TensorBoard runs go to <log-dir>/<run> (default: log)")
     g = parser.add_argument_group("sample quality (fid.py)")
-    g.add_argument("--fid-every", type=int, default=defaults["fid_every"],
+    g.add_argument("--fid-every", type=checked(int, 0), default=d["fid_every"],
                    help="every N epochs (and the last) generate --fid-samples images and log FID/KID against the "
                         f"validation images; models without a meaningful val_loss select Best on it (0: off; "
-                        f"default: {defaults['fid_every']})")
-    g.add_argument("--fid-samples", type=int, default=0, help="(default 0: as many as validation images)")
+                        f"default: {d['fid_every']})")
+    g.add_argument("--fid-samples", type=checked(int, 0), default=0,
+                   help="how many samples to measure (default: 0, as many as validation images)")
     fid.add_metric_flags(g)
     parser.set_defaults(**module.TRAIN_DEFAULTS)   # a model may also default the metric flags (--fid-features)
     common.add_config_flags(parser, module.Config, f"{model_name} options (from {module.__name__}.py)")
@@ -101,11 +118,16 @@ def parse_args(argv=None):
     known, _ = build_parser(add_help=False).parse_known_args(argv)
     args = build_parser(known.model).parse_args(argv)
     args.run_name = args.run_name or args.model
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues a run and --overwrite replaces it; pass one of them")
     return args
 
 
 def build_model(name, config, image_shape, num_classes):
     return MODELS[name].Model(config, tuple(image_shape), num_classes)
+
+
+CHECKPOINT_KEYS = ("model", "config", "train_args", "image_shape", "class_names", "model_state")
 
 
 def load_model(path, expected_model=None, device="cpu"):
@@ -114,6 +136,9 @@ def load_model(path, expected_model=None, device="cpu"):
     name = ckpt.get("model") if isinstance(ckpt, dict) else None
     if name not in MODELS:
         raise UserError(f"'{path}' is not a genlab checkpoint of a known model (found {name!r})")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"'{path}' is an incomplete genlab checkpoint (no {', '.join(missing)}); use another one")
     if expected_model is not None and name != expected_model:
         raise UserError(f"'{path}' holds a {name} model, not {expected_model}; pass --model {name} or another checkpoint")
     config = common.config_from_dict(MODELS[name].Config, ckpt["config"])
@@ -133,21 +158,12 @@ def checkpoint_data(ckpt, data=None):
     return (images, *common.split_indices(len(images.images), ckpt["train_args"]["seed"]))
 
 
-def make_optimizer(params, args):
+def make_optimizer(module, args):
+    params = contract.trainable(module)
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     optimizer_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     return optimizer_cls(params, lr=args.lr, betas=(args.adam_beta1, 0.999), weight_decay=args.weight_decay)
-
-
-def gradient_step(model, x, y, optimizers):
-    """One optimiser step on model.loss: the step of every model that does not define its own."""
-    terms = model.loss(x, y)
-    optimizer = optimizers["model"]
-    optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    optimizer.step()
-    return terms
 
 
 @torch.no_grad()
@@ -168,9 +184,10 @@ def evaluate(model, images, labels, args, device):
 
 @torch.no_grad()
 def preview(model, fixed_images, device, seed):
-    """What TensorBoard shows at each validation: reconstructions under originals, or samples from fixed noise."""
+    """What TensorBoard shows at each validation (model.preview): reconstructions under originals, or samples
+    from fixed noise."""
     model.eval()
-    if hasattr(model, "reconstruct"):
+    if model.preview == "reconstructions":
         x = fixed_images.to(device)
         grid = common.comparison_grid([x, model.reconstruct(x)])
     else:
@@ -179,15 +196,37 @@ def preview(model, fixed_images, device, seed):
     return grid
 
 
+def epoch_line(record, marker):
+    """The stdout line of an epoch, from its record: every term in the record's order, then lr and time."""
+    terms = [f"{k} {v:.6g}" if k in ("train_loss", "val_loss") else f"{k} {v:.5g}"
+             for k, v in record.items() if k not in ("epoch", "lr", "seconds", "cpu_seconds") and v is not None]
+    return f"epoch {record['epoch']} {' '.join(terms)} lr {record['lr']:.3g} time {record['seconds']:.1f}s{marker}"
+
+
+def tensorboard_scalars(record):
+    """TensorBoard tags of a record: train/<term>, val/<term>, samples/<metric>, lr, time/<seconds>."""
+    for k, v in record.items():
+        if k == "epoch" or v is None:
+            continue
+        split, _, term = k.partition("_")
+        if split in ("train", "val"):
+            yield f"{split}/{term}", v
+        elif k in ("seconds", "cpu_seconds"):
+            yield f"time/{k}", v
+        else:
+            yield ("lr" if k == "lr" else f"samples/{k}"), v
+
+
 def checkpoint_state(args, model, optimizers, schedulers, data, epoch, best, bad_validations, history, shuffle_rng):
-    train_args = {k: v for k, v in vars(args).items() if k not in {f.name for f in dataclasses.fields(model.config)}}
+    config_fields = {f.name for f in dataclasses.fields(model.config)}
     return {
         "model": args.model,
         "config": dataclasses.asdict(model.config),
-        "train_args": train_args,
+        "train_args": {k: v for k, v in vars(args).items() if k not in config_fields},
         "image_shape": list(data.image_shape),
         "class_names": list(data.class_names),
         "data": data.source,
+        "data_fingerprint": data.fingerprint,
         "model_state": model.state_dict(),
         "optimizer_states": {k: o.state_dict() for k, o in optimizers.items()},
         "scheduler_states": {k: s.state_dict() for k, s in schedulers.items()},
@@ -200,30 +239,51 @@ def checkpoint_state(args, model, optimizers, schedulers, data, epoch, best, bad
 
 
 def resume_settings(args, ckpt, argv):
-    """On --resume, the run's own settings come back from Last; only --epochs, --patience and
-    --device may be changed. Any other explicit flag that disagrees is an error, not silently ignored."""
-    changeable = {"epochs", "patience", "device", "resume", "model", "run_name", "models_dir", "log_dir"}
+    """On --resume, the run's own settings come back from Last; only CHANGEABLE_ON_RESUME may be changed. Any
+    other explicit flag that disagrees is an error, not silently ignored."""
     saved = {**ckpt["train_args"], **ckpt["config"]}
     for key, value in saved.items():
+        if key in CHANGEABLE_ON_RESUME:
+            continue
         flag = "--" + key.replace("_", "-")
         given = any(a == flag or a.startswith(flag + "=") for a in argv)
         current = getattr(args, key, None)
         current = list(current) if isinstance(current, tuple) else current
         value = list(value) if isinstance(value, tuple) else value
-        if given and key not in changeable and current != value:
+        if given and current != value:
             raise UserError(f"--resume continues a run that used {flag} {value}; drop {flag} {current} "
                             "or start a new run with another --run-name")
-        if key not in changeable:
-            setattr(args, key, value)
+        setattr(args, key, value)
+
+
+def describe_run(path):
+    """'epoch 17, best 0.00222' of a saved checkpoint, for messages."""
+    try:
+        ckpt = common.load_checkpoint(path)
+        return f"epoch {ckpt['epoch']}, best {ckpt['best_metric']:.6g}"
+    except (UserError, KeyError, TypeError):
+        return "unreadable"
+
+
+def refuse_to_replace(args, best_path, last_path):
+    """A new run never replaces saved checkpoints by accident: it stops before training, naming the three ways on."""
+    existing = [p for p in (last_path, best_path) if p.exists()]
+    if not existing or args.resume:
+        return
+    if not args.overwrite:
+        raise UserError(f"run '{args.run_name}' already exists ({existing[0]}: {describe_run(existing[0])}); "
+                        f"--resume continues it, --run-name NEW starts another beside it, --overwrite replaces it")
+    for path in existing:
+        path.unlink()
+    print(f"# --overwrite: removed {', '.join(map(str, existing))}", flush=True)
 
 
 def train(argv=None):
-    """Parse the flags and train. A model module with `stages(args)` trains as the runs it yields, in order."""
+    """Parse the flags and train each run the model module asks for (contract.runs), in order."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    module = MODELS[args.model]
     result = None
-    for run_args in module.stages(args) if hasattr(module, "stages") else [args]:
+    for run_args in contract.runs(MODELS[args.model], args):
         result = train_run(run_args, argv)
     return result
 
@@ -231,31 +291,40 @@ def train(argv=None):
 def train_run(args, argv):
     """One run: models/Best_<run>.pth and Last_<run>.pth. Returns (model, best metric)."""
     module = MODELS[args.model]
-    models_dir = Path(args.models_dir)
+    models_dir = common.output_dir(args.models_dir, "--models-dir")
     last_path, best_path = models_dir / f"Last_{args.run_name}.pth", models_dir / f"Best_{args.run_name}.pth"
+    common.remove_stale_temporaries(best_path, last_path)
     ckpt = None
     if args.resume:
+        if not last_path.is_file():
+            raise UserError(f"--resume needs '{last_path}', which does not exist; drop --resume to start the run, "
+                            "or pass the --run-name and --models-dir of the run to continue")
         ckpt = common.load_checkpoint(last_path)
         if ckpt.get("model") != args.model:
             raise UserError(f"'{last_path}' holds a {ckpt.get('model')} model, not {args.model}")
         resume_settings(args, ckpt, argv)
+    refuse_to_replace(args, best_path, last_path)
+    log_dir = common.output_dir(Path(args.log_dir) / args.run_name, "--log-dir")
+
+    # Data: decoded once, in memory; the 80/20 split is fixed by --seed.
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
     data = common.load_data(args.data, args.image_size, args.channels)
-    if ckpt is not None and list(data.image_shape) != list(ckpt["image_shape"]):
-        raise UserError(f"the data now gives {list(data.image_shape)} images but '{last_path}' was trained on "
-                        f"{ckpt['image_shape']}; resume with the same data, or start a new run")
+    if ckpt is not None and ckpt.get("data_fingerprint", data.fingerprint) != data.fingerprint:
+        raise UserError(f"the data in '{args.data}' changed since '{last_path}' was saved (other images or classes); "
+                        "resume with the same data, or start a new run with another --run-name")
     train_idx, val_idx = common.split_indices(len(data.images), args.seed)
     train_images, train_labels = data.images[train_idx], data.labels[train_idx]
     val_images, val_labels = data.images[val_idx], data.labels[val_idx]
 
-    config = common.config_from_args(module.Config, args)
-    model = build_model(args.model, config, data.image_shape, len(data.class_names)).to(device)
-    groups = model.parameter_groups() if hasattr(model, "parameter_groups") else {"model": model.parameters()}
-    optimizers = {name: make_optimizer(params, args) for name, params in groups.items()}
+    # The model, one optimiser and lr schedule per parameter group, and the state to resume.
+    model = build_model(args.model, common.config_from_args(module.Config, args), data.image_shape,
+                        len(data.class_names)).to(device)
+    groups = model.parameter_groups()
+    optimizers = contract.Optimizers({name: make_optimizer(m, args) for name, m in groups.items()}, groups,
+                                     args.grad_clip, args.grad_accum)
     schedulers = {name: torch.optim.lr_scheduler.StepLR(o, args.lr_decay_every, args.lr_decay)
                   for name, o in optimizers.items()}
-    step = model.train_step if hasattr(model, "train_step") else lambda x, y, opts: gradient_step(model, x, y, opts)
     shuffle_rng = torch.Generator().manual_seed(args.seed)
     start_epoch, best, bad_validations, history = 1, math.inf, 0, []
     if ckpt is not None:
@@ -267,95 +336,91 @@ def train_run(args, argv):
         shuffle_rng.set_state(ckpt["rng"]["shuffle"])
         start_epoch, best, bad_validations = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["bad_validations"]
         history = list(ckpt["history"])
-    elif hasattr(model, "prepare"):   # once, before the first epoch of a new run
+    else:
         model.prepare(data, train_images)
 
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # not frozen copies (EMA)
-    print(f"# {args.model} on {data.source}: {len(train_idx)} train / {len(val_idx)} val images of "
-          f"{'x'.join(map(str, data.image_shape))}, {len(data.class_names)} classes, {n_params:,} parameters, {device}"
-          + (f", resumed at epoch {start_epoch}" if ckpt is not None else ""), flush=True)
-    writer = common.tensorboard_writer(Path(args.log_dir) / args.run_name)
-    writer.add_text("hyperparameters", "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    fixed_preview = common.to_float(val_images[:8])
-    quality = None   # FID/KID (or FD_eval) of samples against the validation images, see fid.py
+    # Sample quality (FID/KID or FD_eval), and what Best is chosen on.
+    quality = None
     if args.fid_every > 0:
         extractors = fid.extractors_from_args(args, args.data, args.image_size, device, args.models_dir)
         quality = fid.SampleQuality(extractors, val_images, val_labels, args.fid_samples, args.seed)
-    by_quality = quality is not None and getattr(model, "selects_by_sample_quality", False)
-    if getattr(model, "selects_by_sample_quality", False) and not by_quality:
+    by_quality = quality is not None and model.selects_by_sample_quality
+    if model.selects_by_sample_quality and not by_quality:
         print(f"# note: {args.model} has no meaningful val_loss; pass --fid-every N to choose Best by sample quality",
               flush=True)
     selection = quality.metric if by_quality else "val_loss"
 
-    def state(epoch):
-        return checkpoint_state(args, model, optimizers, schedulers, data, epoch, best, bad_validations, history,
-                                shuffle_rng)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)   # not frozen copies (EMA)
+    print(f"# {args.model} on {data.source}: {len(train_idx)} train / {len(val_idx)} val images of "
+          f"{'x'.join(map(str, data.image_shape))}, {len(data.class_names)} classes, {n_params:,} parameters, {device}, "
+          f"epochs {start_epoch}-{args.epochs}" + (f" (resumed from {last_path})" if ckpt is not None else ""),
+          flush=True)
+    writer = common.tensorboard_writer(log_dir)
+    writer.add_text("hyperparameters", "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    fixed_preview = common.to_float(val_images[:8])
+
+    def save(path, epoch):
+        common.save_checkpoint(checkpoint_state(args, model, optimizers, schedulers, data, epoch, best,
+                                                bad_validations, history, shuffle_rng), path)
 
     completed = start_epoch - 1
     try:
         for epoch in range(start_epoch, args.epochs + 1):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
+            # One pass over the training images: the model's own train_step on each batch.
             sums, count = {}, 0
             batches = common.iterate_batches(train_images, train_labels, args.batch_size, shuffle_rng, args.flip)
             for x, y in tqdm(batches, total=math.ceil(len(train_idx) / args.batch_size), desc=f"epoch {epoch}",
                              leave=False, file=sys.stderr, disable=None):
-                terms = step(x.to(device), y.to(device), optimizers)
-                for k, v in terms.items():  # summed as tensors: no device sync per step
+                terms = model.train_step(x.to(device), y.to(device), optimizers)
+                for k, v in terms.items():   # summed as tensors: no device sync per step
                     sums[k] = sums.get(k, 0.0) + v.detach() * len(x)
                 count += len(x)
-            train_terms = {k: float(v) / count for k, v in sums.items()}
-            if not all(math.isfinite(v) for v in train_terms.values()):
-                raise TrainingDiverged(f"epoch {epoch}: training loss became {train_terms['loss']}; "
+            record = {"epoch": epoch, **{f"train_{k}": float(v) / count for k, v in sums.items()}}
+            if not all(math.isfinite(v) for v in record.values()):
+                raise TrainingDiverged(f"epoch {epoch}: training loss became {record['train_loss']}; "
                                        f"{best_path} is left as it was. Try a lower --lr.")
-            lr = optimizers[next(iter(optimizers))].param_groups[0]["lr"]
+            record["lr"] = optimizers[next(iter(groups))].param_groups[0]["lr"]
             for s in schedulers.values():
                 s.step()
-            record = {"epoch": epoch, "train_loss": train_terms["loss"], "val_loss": None, "lr": lr}
-            line = f"epoch {epoch} train_loss {train_terms['loss']:.6g}"
-            line += "".join(f" {k} {v:.4g}" for k, v in train_terms.items() if k != "loss")   # e.g. a GAN's D(x)
-            for k, v in train_terms.items():
-                writer.add_scalar(f"train/{k}", v, epoch)
-            marker, score = "", None   # score: what Best is chosen on, when measured this epoch
+
+            # Validation loss and sample quality, when due; Best and early stopping follow `selection`.
+            record["val_loss"], score = None, None
             if epoch % args.val_every == 0 or epoch == args.epochs:
                 val_terms = evaluate(model, val_images, val_labels, args, device)
-                record["val_loss"] = val_terms["loss"]
-                other_terms = {f"val_{k}": v for k, v in val_terms.items() if k != "loss"}   # e.g. val_psnr
-                record.update(other_terms)
-                line += f" val_loss {val_terms['loss']:.6g}" + "".join(f" {k} {v:.4g}" for k, v in other_terms.items())
-                for k, v in val_terms.items():
-                    writer.add_scalar(f"val/{k}", v, epoch)
+                record.update({f"val_{k}": v for k, v in val_terms.items()})
                 writer.add_image("preview", preview(model, fixed_preview, device, args.seed), epoch)
                 score = None if by_quality else val_terms["loss"]
             if quality is not None and (epoch % args.fid_every == 0 or epoch == args.epochs):
                 metrics = quality(model, device)
-                record.update(metrics)
-                line += " " + fid.format_metrics(metrics)
-                for k, v in metrics.items():
-                    writer.add_scalar(f"samples/{k}", v, epoch)
-                if by_quality:
-                    score = metrics[selection]
+                record.update({k: v for k, v in metrics.items() if not k.endswith("_std")})
+                score = metrics[selection] if by_quality else score
+            marker = ""
             if score is not None:
                 if score < best:
                     best, bad_validations, marker = score, 0, " *best*"
                 else:
                     bad_validations += 1
             record["seconds"] = time.perf_counter() - started
-            record.update({f"train_{k}": v for k, v in train_terms.items() if k != "loss"})
+            record["cpu_seconds"] = time.process_time() - cpu_started
+
+            # Log and save: the line, the scalars and the history all come from the record.
             history.append(record)
-            writer.add_scalar("lr", lr, epoch)
-            print(f"{line} lr {lr:.3g} time {record['seconds']:.1f}s{marker}", flush=True)
+            print(epoch_line(record, marker), flush=True)
+            for tag, value in tensorboard_scalars(record):
+                writer.add_scalar(tag, value, epoch)
             if marker:
-                common.save_checkpoint(state(epoch), best_path)
-            common.save_checkpoint(state(epoch), last_path)
+                save(best_path, epoch)
+            save(last_path, epoch)
             completed = epoch
             if bad_validations >= args.patience:
                 print(f"# early stop: no new best {selection} in {args.patience} validations; best {best:.6g}",
                       flush=True)
                 break
     except KeyboardInterrupt:
-        common.save_checkpoint(state(completed), last_path)
-        print(f"interrupted: saved {last_path}; `--resume` restarts the interrupted epoch from these weights",
-              file=sys.stderr)
+        # The epoch in progress is dropped: Last stays the end of the previous epoch, so --resume is exact.
+        print(f"interrupted in epoch {completed + 1}; " + (f"{last_path} holds the end of epoch {completed}, and "
+              "`--resume` continues from there" if completed else "nothing was saved"), file=sys.stderr)
         sys.exit(130)
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Variational autoencoder (Kingma & Welling 2014, "Auto-Encoding Variational Bayes"): the NN Lab's Part 3.
+"""Variational autoencoder (Kingma & Welling 2014, "Auto-Encoding Variational Bayes").
 
 The encoder gives q(z|x) = N(mu, diag(sigma^2)) over a 64-d latent; z = mu + sigma * eps (the
 reparameterisation trick) goes through the decoder. The loss is the negative ELBO with a Gaussian
@@ -6,8 +6,8 @@ decoder, per image and then averaged over the batch:
 
     loss = mean_batch[ sum_pixels (x_hat - x)^2  +  beta * KL(q(z|x) || N(0, I)) ]
 
-so it is a number per image. The NN Lab's threshold of 800 was summed over a batch of 16, i.e. 50
-per image. `sample` decodes z ~ N(0, I), which the KL term made meaningful.
+so it is a number per image (a total over a batch of 16 is 16 times larger). `sample` decodes z ~ N(0, I),
+which the KL term made meaningful.
 
     python train_script.py --model VAE > log/train_VAE.out
     python random_generation.py --model VAE
@@ -18,14 +18,15 @@ import torch
 import torch.nn as nn
 
 from common import UserError, option
+from contract import GenerativeModel
 
 TRAIN_DEFAULTS = dict(epochs=20, lr=2e-3, batch_size=16, lr_decay=0.5, lr_decay_every=6, patience=5)
 
 
 @dataclass
 class Config:
-    latent_dim: int = option(64, "size of the latent z")
-    beta: float = option(1.0, "weight of the KL term (beta-VAE, Higgins et al. 2017); 1 is the ELBO")
+    latent_dim: int = option(64, "size of the latent z", low=1)
+    beta: float = option(1.0, "weight of the KL term (beta-VAE, Higgins et al. 2017); 1 is the ELBO", low=0)
 
 
 def kl_to_standard_normal(mu, logvar):
@@ -33,10 +34,12 @@ def kl_to_standard_normal(mu, logvar):
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
 
 
-class Model(nn.Module):
+class Model(GenerativeModel):
+    reconstructs = True
+    preview = "reconstructions"
+
     def __init__(self, config, image_shape, num_classes=1):
-        super().__init__()
-        self.config = config
+        super().__init__(config, image_shape)
         channels, height, width = image_shape
         if height % 4 or width % 4:
             raise UserError(f"VAE needs an image size divisible by 4, got {height}x{width}; pass e.g. --image-size 24")
@@ -79,7 +82,7 @@ class Model(nn.Module):
         return {"loss": reconstruction + self.config.beta * kl, "reconstruction": reconstruction, "kl": kl}
 
     @torch.no_grad()
-    def sample(self, n, generator=None):
+    def sample(self, n, generator=None, labels=None):
         """decoder(z), z ~ N(0, I): the prior the KL term pulled q(z|x) towards."""
         device = next(self.parameters()).device
         return self.decoder(torch.randn(n, self.config.latent_dim, generator=generator, device=device))

@@ -3,10 +3,10 @@
 Writes, from models/Best_<MODEL>.pth alone:
   vis/train_<MODEL>.png, vis/valid_<MODEL>.png  originals (top block) above reconstructions (bottom block)
   vis/loss_<MODEL>.png                          train and validation loss per epoch, from the checkpoint's history
-  vis/denoising_<MODEL>.png                     for models with `denoising_process` (diffusion): one sample per row,
+  vis/denoising_<MODEL>.png                     for models that denoise (diffusion): one sample per row,
                                                 x_T on the left to x_0 on the right
+What a model can show comes from its capabilities (contract.py): `reconstructs`, `denoises`.
 """
-import argparse
 from pathlib import Path
 
 import matplotlib
@@ -49,32 +49,33 @@ def save_denoising(model, n, path, device, seed=0, frames=10):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--model", required=True, choices=list(MODELS))
-    parser.add_argument("--checkpoint", default=None, help="default: models/Best_<MODEL>.pth")
+    parser = common.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, choices=list(MODELS), help="which model's checkpoint to show")
+    parser.add_argument("--checkpoint", default=None, help="the checkpoint to show (default: models/Best_<MODEL>.pth)")
     parser.add_argument("--data", default=None, help="images to reconstruct (default: the data the model was trained on)")
-    parser.add_argument("--n", type=int, default=16, help="images per picture (default: 16)")
-    parser.add_argument("--out-dir", default="vis")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    parser.add_argument("--n", type=common.checked(int, 1, 256), default=16,
+                        help="images per picture, 1 to 256 (default: 16)")
+    parser.add_argument("--out-dir", default="vis", help="where the pictures go (default: vis)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                        help="where to run the model; auto: cuda, else mps, else cpu (default: auto)")
     args = parser.parse_args()
     device = common.pick_device(args.device)
     model, ckpt = load_model(args.checkpoint or f"models/Best_{args.model}.pth", args.model, device)
     model.eval()
-    out = Path(args.out_dir)
+    out = common.output_dir(args.out_dir, "--out-dir")
     written = []
-    if hasattr(model, "reconstruct"):
+    if model.reconstructs:
         data, train_idx, val_idx = checkpoint_data(ckpt, args.data)
         for split, idx in (("train", train_idx), ("valid", val_idx)):
             path = out / f"{split}_{args.model}.png"
             save_reconstructions(model, data.images[idx[:args.n]], path, device)
             written.append(path)
-    if hasattr(model, "denoising_process"):
+    if model.denoises:
         path = out / f"denoising_{args.model}.png"
         save_denoising(model, min(args.n, 8), path, device)
         written.append(path)
     if ckpt["history"]:
         path = out / f"loss_{args.model}.png"
-        out.mkdir(parents=True, exist_ok=True)
         plot_history(ckpt["history"], f"{args.model} ({ckpt['data']})", path)
         written.append(path)
     print("wrote " + ", ".join(map(str, written)))

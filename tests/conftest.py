@@ -37,3 +37,12 @@ def run_script(script, *args, cwd, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def make_optimizers(model, lr, grad_clip=0.0, accumulation=1):
+    """What train_script gives a model's train_step: one Adam per parameter group, as contract.Optimizers."""
+    import torch
+    import contract
+    groups = model.parameter_groups()
+    return contract.Optimizers({name: torch.optim.Adam(contract.trainable(m), lr=lr) for name, m in groups.items()},
+                               groups, grad_clip, accumulation)

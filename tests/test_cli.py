@@ -53,11 +53,12 @@ def assert_clear_error(result, *words):
 def test_bad_input_gives_one_line_errors_and_keeps_saved_files(workdir, tmp_path):
     best = workdir / "models" / "Best_VAE.pth"
     saved = best.read_bytes()
-    assert_clear_error(run_script("train_script.py", "--model", "VAE", "--data", tmp_path / "missing", cwd=workdir),
-                       "does not exist", "--data")
+    new_run = ["--run-name", "another"]
+    assert_clear_error(run_script("train_script.py", "--model", "VAE", *new_run, "--data", tmp_path / "missing",
+                                  cwd=workdir), "does not exist", "--data")
     (tmp_path / "empty").mkdir()
-    assert_clear_error(run_script("train_script.py", "--model", "VAE", "--data", tmp_path / "empty", cwd=workdir),
-                       "no images")
+    assert_clear_error(run_script("train_script.py", "--model", "VAE", *new_run, "--data", tmp_path / "empty",
+                                  cwd=workdir), "no images")
     assert_clear_error(run_script("train_script.py", "--model", "Transformer", cwd=workdir), "invalid choice")
     assert_clear_error(run_script("visualization.py", "--model", "AE", "--checkpoint", best, cwd=workdir),
                        "holds a VAE model, not AE")
@@ -65,7 +66,7 @@ def test_bad_input_gives_one_line_errors_and_keeps_saved_files(workdir, tmp_path
                                   cwd=workdir), "not found")
     assert_clear_error(run_script("train_script.py", "--model", "VAE", *TINY[:2], "--resume", "--image-size", "16",
                                   cwd=workdir), "--image-size")
-    assert_clear_error(run_script("train_script.py", "--model", "AE", "--image-size", "10", cwd=workdir),
+    assert_clear_error(run_script("train_script.py", "--model", "AE", *new_run, "--image-size", "10", cwd=workdir),
                        "divisible by 4")
     assert best.read_bytes() == saved
 

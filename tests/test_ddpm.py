@@ -8,9 +8,11 @@ import torch
 
 import common
 import ddpm
+import samplers
 import train_script
 from common import UserError
-from conftest import run_script, write_image_folder
+from conftest import make_optimizers, run_script, write_image_folder
+from unet import guided
 
 TINY = dict(width=8, channel_mults=(1, 2), blocks_per_level=1, attention_levels=(1,))
 
@@ -67,14 +69,11 @@ def test_alpha_bar_falls_monotonically_to_about_zero(schedule, timesteps):
 def test_ddim_with_eta_zero_is_deterministic_given_x_T():
     model = randomize(build(timesteps=40))
     x_T = torch.randn(4, 3, 8, 8)
-    ts = list(range(39, -1, -4))
+    ts = list(range(39, -1, -4)) + [-1]
     runs = []
     for seed in (1, 2):   # different generators: with eta = 0 they must not matter
-        x = x_T
-        for i, t in enumerate(ts):
-            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-            x = model.ddim_step(x, torch.full((4,), t), torch.full((4,), t_prev), None, 1.0, 0.0,
-                                torch.Generator().manual_seed(seed))
+        *_, x = samplers.ddim(model.denoiser(None, 1.0), x_T, model.alphas_bar, ts, 0.0,
+                              torch.Generator().manual_seed(seed))
         runs.append(x)
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], x_T)
     a = model.sample(3, torch.Generator().manual_seed(5), steps=10, eta=0.0)
@@ -84,12 +83,17 @@ def test_ddim_with_eta_zero_is_deterministic_given_x_T():
 @pytest.mark.parametrize("clip_x0", [True, False])
 def test_ddim_on_all_steps_with_eta_one_is_the_ddpm_update(clip_x0):
     model = randomize(build(timesteps=30, clip_x0=clip_x0), scale=0.2)
+    denoise = model.denoiser(None, 1.0)
     x = torch.randn(4, 3, 8, 8)
     for t in (29, 15, 1, 0):
-        t_batch = torch.full((4,), t)
-        ddpm_x = model.ddpm_step(x, t_batch, None, 1.0, torch.Generator().manual_seed(t))
-        ddim_x = model.ddim_step(x, t_batch, t_batch - 1, None, 1.0, 1.0, torch.Generator().manual_seed(t))
+        ddpm_x = next(samplers.ddpm(denoise, x, model.alphas_bar, [t, t - 1], torch.Generator().manual_seed(t)))
+        ddim_x = next(samplers.ddim(denoise, x, model.alphas_bar, [t, t - 1], 1.0, torch.Generator().manual_seed(t)))
         assert torch.allclose(ddpm_x, ddim_x, atol=1e-5), t
+        # and Algorithm 2 itself: the posterior mean of the predicted x_0 plus sqrt(b~_t) z
+        x0, _, _ = denoise(x, torch.full((4,), t))
+        mean, var = model.q_posterior(x0, x, torch.full((4,), t))
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(t))
+        assert torch.allclose(ddpm_x, mean + (var.sqrt() * z if t > 0 else 0), atol=1e-5), t
     if clip_x0:   # whole chains too (unclipped, this random network's chains amplify float rounding)
         ddpm_samples = model.sample(2, torch.Generator().manual_seed(0), sampler="ddpm")
         ddim_samples = model.sample(2, torch.Generator().manual_seed(0), steps=30, eta=1.0)
@@ -100,7 +104,7 @@ def test_ddim_on_all_steps_with_eta_one_is_the_ddpm_update(clip_x0):
 def test_a_tiny_model_overfits_one_batch(options, factor):
     model = build(timesteps=100, **options)
     x = torch.rand(8, 3, 8, 8) * 0.5 + 0.25 * (torch.arange(8) % 2).view(8, 1, 1, 1)
-    optimizers = {"model": torch.optim.Adam(model.parameter_groups()["model"], lr=3e-3)}
+    optimizers = make_optimizers(model, lr=3e-3, grad_clip=1.0)
 
     def fixed_loss():
         with torch.no_grad():
@@ -137,13 +141,15 @@ def test_guidance_zero_is_the_unconditional_prediction_and_one_the_conditional()
     x, t, y = torch.randn(5, 3, 8, 8), torch.randint(0, 20, (5,)), torch.tensor([0, 1, 2, 0, 1])
     null = torch.full((5,), 3)
     with torch.no_grad():
-        assert torch.allclose(model.guided_output(x, t, y, 0.0), model.ema(x, t, null), atol=1e-5)
-        assert torch.allclose(model.guided_output(x, t, y, 1.0), model.ema(x, t, y), atol=1e-5)
+        assert torch.allclose(guided(model.ema, x, t, y, 3, 0.0), model.ema(x, t, null), atol=1e-5)
+        assert torch.allclose(guided(model.ema, x, t, y, 3, 1.0), model.ema(x, t, y), atol=1e-5)
         cond, uncond = model.ema(x, t, y), model.ema(x, t, null)
-        assert torch.allclose(model.guided_output(x, t, y, 3.0), uncond + 3 * (cond - uncond), atol=1e-4)
+        assert torch.allclose(guided(model.ema, x, t, y, 3, 3.0), uncond + 3 * (cond - uncond), atol=1e-4)
     assert not build(num_classes=3, unconditional=True).conditional and not build(num_classes=1).conditional
     with pytest.raises(UserError, match="unconditional"):
         build(num_classes=1).sample(2, labels=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(UserError, match="--guidance needs a class-conditional model"):
+        build(num_classes=1).sample(2, guidance=3.0)
 
 
 @pytest.mark.parametrize("image_shape", [(1, 28, 28), (3, 24, 24), (3, 32, 32), (3, 64, 64)])
@@ -158,7 +164,7 @@ def test_shapes_and_range_for_one_or_three_channels(image_shape):
 
 def test_ema_follows_the_weights_with_warm_up():
     model = build()
-    optimizers = {"model": torch.optim.Adam(model.parameter_groups()["model"], lr=1e-2)}
+    optimizers = make_optimizers(model, lr=1e-2)
     assert all(not p.requires_grad for p in model.ema.parameters())
     model.train_step(torch.rand(4, 3, 8, 8), None, optimizers)   # first update: decay 1/10
     for online, ema in zip(model.unet.parameters(), model.ema.parameters()):
@@ -203,4 +209,4 @@ def test_cli_end_to_end_on_the_bundled_shapes(tmp_path, monkeypatch, capsys):
     run(visualization, "--model", "diffusion")
     assert (tmp_path / "vis" / "red.png").is_file() and (tmp_path / "vis" / "denoising_diffusion.png").is_file()
     run(random_generation, "--model", "diffusion", "--class-label", "rose")
-    assert "unknown --class-label 'rose'; the classes are: red_circle" in capsys.readouterr().err
+    assert "unknown --class-label 'rose'; the classes are: 0 red_circle, 1 red_square" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import common
 import fid
 import train_script
 from common import UserError
+from contract import GenerativeModel
 from conftest import SHARED_DATA, run_script, write_image_folder
 
 
@@ -265,13 +266,12 @@ class FakeConfig:
     pass
 
 
-class QualitySelected(nn.Module):
+class QualitySelected(GenerativeModel):
     """A GAN-like model: val_loss improves every epoch (meaningless), samples are always the same noise."""
     selects_by_sample_quality = True
 
     def __init__(self, config, image_shape, num_classes=1):
-        super().__init__()
-        self.config, self.image_shape = config, tuple(image_shape)
+        super().__init__(config, image_shape)
         self.weight = nn.Parameter(torch.ones(1))
         self.register_buffer("calls", torch.zeros(()))
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import contract
 import fid
 import gan
 import train_script
@@ -23,7 +24,8 @@ def build(image_shape=(3, 24, 24), num_classes=1, **config):
 
 def optimizers(model, lr=2e-4):
     args = argparse.Namespace(optimizer="adam", lr=lr, adam_beta1=0.5, weight_decay=0.0)
-    return {name: train_script.make_optimizer(p, args) for name, p in model.parameter_groups().items()}
+    groups = model.parameter_groups()
+    return contract.Optimizers({name: train_script.make_optimizer(m, args) for name, m in groups.items()}, groups)
 
 
 @pytest.mark.parametrize("size, plan", [(24, (3, 3)), (28, (7, 2)), (32, (4, 3)), (64, (4, 4))])

@@ -54,7 +54,7 @@ def test_resume_refuses_a_changed_setting(tmp_path, tiny_data):
     train(tmp_path, tiny_data, "--model", "MLPAE", "--epochs", "1")
     with pytest.raises(UserError, match="--image-size"):
         train(tmp_path, tiny_data, "--model", "MLPAE", "--epochs", "2", "--resume", "--image-size", "12")
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="--resume needs .*Last_AE.pth', which does not exist; drop --resume"):
         train(tmp_path, tiny_data, "--model", "AE", "--epochs", "2", "--resume")
 
 
@@ -88,40 +88,6 @@ def test_nan_loss_stops_with_an_error_and_keeps_best(tmp_path, tiny_data, monkey
     assert exit_info.value.code == 1
     assert "training loss became nan" in capsys.readouterr().err
     assert (best.read_bytes(), last.read_bytes()) == saved
-
-
-def test_ctrl_c_saves_last_and_exits(tmp_path, tiny_data, monkeypatch, capsys):
-    calls = {"n": 0}
-    real_step = train_script.gradient_step
-
-    def interrupted_step(*args):
-        calls["n"] += 1
-        if calls["n"] == 8:  # during the 2nd epoch (5 batches per epoch)
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    monkeypatch.setattr(train_script, "gradient_step", interrupted_step)
-    with pytest.raises(SystemExit) as exit_info:
-        train(tmp_path, tiny_data, "--model", "MLPAE", "--epochs", "5")
-    assert exit_info.value.code == 130 and "interrupted" in capsys.readouterr().err
-    ckpt = torch.load(tmp_path / "models" / "Last_MLPAE.pth", weights_only=True)
-    assert ckpt["epoch"] == 1
-
-
-def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pth"
-    common.save_checkpoint({"a": torch.ones(2)}, path)
-    before = path.read_bytes()
-
-    def crash(obj, f):
-        with open(f, "wb") as handle:
-            handle.write(b"half")
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(RuntimeError):
-        common.save_checkpoint({"a": torch.zeros(2)}, path)
-    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
 
 
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path):

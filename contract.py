@@ -1,0 +1,136 @@
+"""The model contract: everything train_script.py, visualization.py, random_generation.py and fid.py may ask of
+a model, in one place.
+
+A model is one module (file) with
+    Config           a dataclass; each field, made with common.option(default, help), becomes a --flag
+    TRAIN_DEFAULTS   a dict: the model's defaults for the common training flags (epochs, lr, batch_size, ...)
+    Model(config, image_shape, num_classes)   returns a GenerativeModel (below)
+    stages(args)     optional: the runs to train, in order, each a copy of the parsed flags (latent diffusion:
+                     its autoencoder, then diffusion on its latents); without it, one run
+and one line in train_script.MODELS. The scripts never ask which model they hold: they read the capabilities
+below and call the methods.
+"""
+import copy
+
+import torch
+import torch.nn as nn
+
+
+class GenerativeModel(nn.Module):
+    """Base class of every model. Subclasses set the capabilities that differ and implement `loss` and `sample`.
+
+    Images are (B, C, H, W) floats in [0, 1] in and out; y holds the class labels (B,) of a batch.
+    """
+
+    # Capabilities (class attributes or properties), read by the scripts:
+    conditional = False                 # sample(n, generator, labels=y) draws image i from class y[i]
+    generates = True                    # sample() draws new images (False: an autoencoder stage without a prior)
+    reconstructs = False                # reconstruct(x) -> x_hat: reconstruction pictures in visualization.py
+    denoises = False                    # denoising_process(...): the x_T ... x_0 picture in visualization.py
+    preview = "samples"                 # TensorBoard's picture at each validation: "samples" or "reconstructions"
+    selects_by_sample_quality = False   # no meaningful val_loss (a GAN): Best follows FID / FD_eval (--fid-every)
+    sample_options = ()                 # keywords of sample() besides labels: e.g. ("sampler", "steps", "guidance")
+
+    def __init__(self, config, image_shape):
+        super().__init__()
+        self.config, self.image_shape = config, tuple(image_shape)
+
+    # -- required --------------------------------------------------------------------------------------------
+    def loss(self, x, y=None, generator=None):
+        """{"loss": scalar, other terms...}; training, and validation under no_grad in eval mode with a
+        `generator` seeded the same each time, so validation numbers change only with the weights."""
+        raise NotImplementedError
+
+    def sample(self, n, generator=None, labels=None, **options):
+        """n images (n, C, H, W) in [0, 1], in eval mode; `options` are among `sample_options`."""
+        raise NotImplementedError
+
+    # -- optional, with defaults -----------------------------------------------------------------------------
+    def reconstruct(self, x):
+        raise NotImplementedError(f"{type(self).__name__} does not reconstruct")
+
+    def denoising_process(self, n, generator=None, frames=10, labels=None, **options):
+        """(frames, n, C, H, W) in [0, 1]: the sampler's states from pure noise to the sample."""
+        raise NotImplementedError(f"{type(self).__name__} has no denoising process")
+
+    def prepare(self, data, train_images):
+        """Called once before the first epoch of a new run (not on --resume): e.g. load a frozen first stage."""
+
+    def parameter_groups(self):
+        """{name: module}: one optimiser per group, built from the common flags; frozen parameters are skipped."""
+        return {"model": self}
+
+    def train_step(self, x, y, optimizers):
+        """One training step on a batch; returns the terms to log (tensors, "loss" among them). The default:
+        one optimiser step on `loss`, then the EMA update. A model with several optimisers (a GAN) overrides it;
+        it may raise common.TrainingDiverged, which stops the run with status 1 and leaves Best as it was."""
+        terms = optimizers.step("model", self.loss, x, y)
+        self.update_ema()
+        return terms
+
+    # -- shared mechanics ------------------------------------------------------------------------------------
+    def init_ema(self, network_name, decay):
+        """Keep `self.ema`, an exponential moving average of the sub-network `network_name`, for sampling."""
+        self.ema = copy.deepcopy(getattr(self, network_name)).requires_grad_(False)
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self._ema_of, self._ema_decay = network_name, decay   # a name, not the module: no second registration
+
+    @torch.no_grad()
+    def update_ema(self):
+        """ema <- d ema + (1 - d) theta, with the warm-up d = min(decay, (1 + n) / (10 + n)) after n updates so
+        the random initial weights are forgotten fast. Float buffers (BatchNorm's statistics) are averaged alike."""
+        if not hasattr(self, "_ema_of"):
+            return
+        n = self.ema_updates.item()
+        decay = min(self._ema_decay, (1 + n) / (10 + n))
+        pairs = [(e, w) for e, w in zip(self.ema.state_dict().values(), getattr(self, self._ema_of).state_dict().values())
+                 if e.is_floating_point()]
+        torch._foreach_lerp_([e for e, _ in pairs], [w for _, w in pairs], 1 - decay)
+        self.ema_updates += 1
+
+
+def runs(module, args):
+    """The runs a model module trains, in order: its `stages(args)`, or the one run `args`."""
+    return module.stages(args) if hasattr(module, "stages") else [args]
+
+
+class Optimizers:
+    """What `train_step` steps with: one optimiser per parameter group, and the mechanics shared by every model.
+
+    `step(name, loss_fn, *batch)` zeroes the group's gradients, runs `loss_fn` on `accumulation` micro-batches
+    of `batch` (tensors split along dim 0; None passed as it is), backpropagates each term's share of the batch mean, clips the gradient norm
+    (`grad_clip` > 0) and takes one optimiser step. The batch's gradient is that of the whole batch: each
+    micro-batch's mean loss is weighted by its share of the batch (exact for losses that are means over images).
+    """
+
+    def __init__(self, optimizers, modules, grad_clip=0.0, accumulation=1):
+        self.optimizers, self.modules = optimizers, modules
+        self.grad_clip, self.accumulation = grad_clip, accumulation
+
+    def __getitem__(self, name):
+        return self.optimizers[name]
+
+    def items(self):
+        return self.optimizers.items()
+
+    def step(self, name, loss_fn, *batch):
+        optimizer = self.optimizers[name]
+        optimizer.zero_grad(set_to_none=True)
+        n, k = len(batch[0]), self.accumulation
+        chunks = [c for c in zip(*(torch.tensor_split(t, k) if t is not None else [None] * k for t in batch))
+                  if len(c[0])]
+        totals = {}
+        for chunk in chunks:
+            terms = loss_fn(*chunk)
+            (terms["loss"] * (len(chunk[0]) / n)).backward()
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v.detach() * (len(chunk[0]) / n)
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(trainable(self.modules[name]), self.grad_clip, foreach=True)
+        optimizer.step()
+        return totals
+
+
+def trainable(module):
+    """The parameters an optimiser updates: those that require gradients (not EMA copies or frozen stages)."""
+    return [p for p in module.parameters() if p.requires_grad]

@@ -1,0 +1,166 @@
+"""The U-Net that denoising models share (Ronneberger et al. 2015, as DDPM's: Ho et al. 2020, Appendix B):
+residual blocks with a time embedding, self-attention at chosen resolutions, skips from each level down to the
+same level up. It knows nothing of diffusion: it maps (x, t, y) to a tensor of x's size (or `out_channels`),
+and the model file that imports it (ddpm.py, flow_matching.py) says what t means and what the output predicts.
+
+Class conditioning with classifier-free guidance (Ho & Salimans 2021) is here too, as it is network-side:
+labels join the time embedding, label K is the null label, and `guided` mixes the two predictions.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import UserError, option
+
+
+@dataclass
+class UNetConfig:
+    width: int = option(32, "channels of the U-Net's first level", low=2)
+    channel_mults: tuple = option((1, 2, 2), "channels of each U-Net level, as multiples of --width", low=1)
+    blocks_per_level: int = option(1, "residual blocks per level on the way down (one more on the way up)", low=1)
+    attention_levels: tuple = option((2,), "levels (0 = full resolution) with self-attention", low=0)
+    dropout: float = option(0.0, "dropout in the residual blocks (DDPM used 0.1 on CIFAR-10)", low=0, high=1)
+
+
+def check_size(config, height, width, what="the image"):
+    """Each level but the last halves the resolution, so H and W must divide by 2^(levels - 1)."""
+    factor = 2 ** (len(config.channel_mults) - 1)
+    if height % factor or width % factor:
+        raise UserError(f"a U-Net with {len(config.channel_mults)} levels needs {what} size divisible by {factor}, "
+                        f"got {height}x{width}; pass e.g. --image-size 24, or fewer --channel-mults")
+
+
+def timestep_embedding(t, freqs):
+    """Sinusoidal embedding of t (Vaswani et al. 2017): [sin(t w_i), cos(t w_i)]. (B,) -> (B, 2 len(freqs))."""
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def group_norm(channels):
+    """GroupNorm with at least 4 channels a group: one channel a group would erase each channel's mean per image,
+    and with it the colour of the noise that the network must predict."""
+    return nn.GroupNorm(math.gcd(32, max(channels // 4, 1)), channels)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm, SiLU, conv; + the projected time(+label) embedding; GroupNorm, SiLU, dropout, conv; + skip."""
+
+    def __init__(self, c_in, c_out, emb_dim, dropout):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2, self.dropout = group_norm(c_out), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity (DDPM's init)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]                       # (B, c_out, H, W) + (B, c_out, 1, 1)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the H*W positions, with a residual connection."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm, self.qkv = group_norm(channels), nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)   # 3 x (B, HW, C)
+        a = F.scaled_dot_product_attention(q, k, v)                                   # softmax(q k^T / sqrt(C)) v
+        return x + self.out(a.transpose(1, 2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """net(x, t, y): levels of ResBlocks (+ attention) going down, a middle, and back up with skips.
+
+    x (B, in_channels, H, W), t (B,) of any scale (integer steps or 1000 t), y (B,) labels in 0 .. K (K: null)
+    -> (B, out_channels, H, W). The last convolution starts at zero, so an untrained net outputs 0."""
+
+    def __init__(self, config, in_channels, out_channels=None, num_classes=0):
+        super().__init__()
+        width, emb_dim = config.width, 4 * config.width
+        self.register_buffer("freqs", torch.exp(-math.log(10000) * torch.arange(width // 2) / (width // 2)),
+                             persistent=False)
+        self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # labels 0 .. K-1 and K, the null label of classifier-free guidance
+        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
+        levels = [width * m for m in config.channel_mults]
+        self.down, skips, c = nn.ModuleList(), [width], width
+        for i, c_out in enumerate(levels):
+            for _ in range(config.blocks_per_level):
+                self.down.append(self._stage(c, c_out, emb_dim, config, i))
+                c = c_out
+                skips.append(c)
+            if i < len(levels) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # (B, c, H/2, W/2)
+                skips.append(c)
+        self.middle = nn.ModuleList([ResBlock(c, c, emb_dim, config.dropout), Attention(c),
+                                     ResBlock(c, c, emb_dim, config.dropout)])
+        self.up = nn.ModuleList()
+        for i, c_out in reversed(list(enumerate(levels))):
+            for _ in range(config.blocks_per_level + 1):
+                self.up.append(self._stage(c + skips.pop(), c_out, emb_dim, config, i))
+                c = c_out
+            if i > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(c, c, 3, padding=1)))
+        self.head = nn.Sequential(group_norm(c), nn.SiLU(), nn.Conv2d(c, out_channels or in_channels, 3, padding=1))
+        nn.init.zeros_(self.head[-1].weight)
+
+    @staticmethod
+    def _stage(c_in, c_out, emb_dim, config, level):
+        block = ResBlock(c_in, c_out, emb_dim, config.dropout)
+        return nn.ModuleList([block, Attention(c_out)]) if level in config.attention_levels else nn.ModuleList([block])
+
+    def forward(self, x, t, y=None):
+        emb = self.time_mlp(timestep_embedding(t, self.freqs))                   # (B, 4 width)
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(y)                                        # the label joins the time embedding
+        # channels_last (N, H, W, C in memory): oneDNN's CPU convolutions run faster in this layout
+        h = self.stem(x.contiguous(memory_format=torch.channels_last))
+        skips = [h]
+        for layer in self.down:
+            h = layer(h) if isinstance(layer, nn.Conv2d) else self._run(layer, h, emb)
+            skips.append(h)
+        h = self._run(self.middle, h, emb)
+        for layer in self.up:
+            if isinstance(layer, nn.Sequential):
+                h = layer(h)                                                     # (B, c, 2H, 2W)
+            else:
+                h = self._run(layer, torch.cat([h, skips.pop()], dim=1), emb)
+        return self.head(h)
+
+    @staticmethod
+    def _run(stage, h, emb):
+        for m in stage:
+            h = m(h, emb) if isinstance(m, ResBlock) else m(h)
+        return h
+
+
+def drop_labels(y, num_classes, probability, generator=None):
+    """Classifier-free guidance's training: each label becomes the null label K with `probability`."""
+    drop = torch.rand(len(y), generator=generator, device=y.device) < probability
+    return torch.where(drop, num_classes, y)
+
+
+def guided(net, x, t, y, num_classes, guidance):
+    """Classifier-free guidance: out = out_u + w (out_c - out_u), out_u with the null label K; w = 1 is the
+    conditional prediction alone, w = 0 the unconditional one. Without classes (y None): net(x, t)."""
+    if y is None:
+        return net(x, t)
+    if guidance == 1:
+        return net(x, t, y)
+    null = torch.full_like(y, num_classes)
+    out_c, out_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+    return out_u + guidance * (out_c - out_u)
