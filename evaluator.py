@@ -1,0 +1,105 @@
+"""The offline evaluator: a small CNN classifier of the dataset's own classes, which needs no download.
+
+Its pooled features give a Fréchet distance reported as FD_eval (never called FID: it is not comparable
+with published numbers), and its predictions give the class accuracy of class-conditional samples.
+It lives at models/Evaluator_<data folder name>_<size>.pth; `fid.py train-evaluator` makes it.
+"""
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import UserError
+
+class Evaluator(nn.Module):
+    """Three conv stages (w, 2w, 4w channels, two 3x3 convs each) -> global average pool -> linear.
+
+    The pooled 4w-d vector is the feature for FD_eval; the linear layer gives class logits.
+    """
+
+    def __init__(self, image_shape, num_classes, width=32):
+        super().__init__()
+        self.image_shape, self.num_classes, self.width = tuple(image_shape), num_classes, width
+
+        def stage(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
+                    nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        self.body = nn.Sequential(*stage(image_shape[0], width), nn.MaxPool2d(2),            # (B, w, H/2, W/2)
+                                  *stage(width, 2 * width), nn.MaxPool2d(2),                # (B, 2w, H/4, W/4)
+                                  *stage(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1),    # (B, 4w, 1, 1)
+                                  nn.Flatten())
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def features(self, x):
+        """x in [0, 1] -> (B, 4w)."""
+        return self.body(2 * x - 1)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def evaluator_path(data, image_size, models_dir="models"):
+    """Where the evaluator for a dataset lives: models/Evaluator_<data folder name>_<size>.pth."""
+    return Path(models_dir) / f"Evaluator_{Path(str(data)).name}_{image_size}.pth"
+
+
+@torch.no_grad()
+def accuracy(net, images, labels, batch_size=256):
+    net.eval()
+    correct = sum(int((net(x).argmax(1) == y).sum())
+                  for x, y in common.iterate_batches(images, labels, batch_size, shuffle=False))
+    return correct / len(images)
+
+
+def train_evaluator(data, epochs=15, batch_size=64, lr=2e-3, width=32, seed=0, device="cpu", log=print):
+    """Train on the train split (the same 80/20 split as the models), report validation accuracy."""
+    if len(data.class_names) < 2:
+        raise UserError(f"the evaluator is a classifier and needs at least 2 classes, but '{data.source}' has one; "
+                        "put the images in one sub-folder per class")
+    common.seed_everything(seed)
+    train_idx, val_idx = common.split_indices(len(data.images), seed)
+    net = Evaluator(data.image_shape, len(data.class_names), width).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    steps = epochs * math.ceil(len(train_idx) / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
+    shuffle_rng = torch.Generator().manual_seed(seed)
+    for epoch in range(1, epochs + 1):
+        started, total = time.perf_counter(), 0.0
+        net.train()
+        for x, y in common.iterate_batches(data.images[train_idx], data.labels[train_idx], batch_size,
+                                           shuffle_rng, flip=True):
+            loss = F.cross_entropy(net(x.to(device)), y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(x)
+        val_accuracy = accuracy(net.cpu(), data.images[val_idx], data.labels[val_idx])
+        net.to(device)
+        log(f"epoch {epoch} train_loss {total / len(train_idx):.4g} val_accuracy {val_accuracy:.4f} "
+            f"time {time.perf_counter() - started:.1f}s")
+    return net.cpu().eval(), val_accuracy
+
+
+def save_evaluator(net, data, val_accuracy, seed, path):
+    common.save_checkpoint({"kind": "genlab evaluator", "image_shape": list(net.image_shape),
+                            "class_names": list(data.class_names), "width": net.width, "data": data.source,
+                            "seed": seed, "val_accuracy": val_accuracy, "state": net.state_dict()}, path)
+
+
+def load_evaluator(path):
+    ckpt = common.load_checkpoint(path) if Path(path).is_file() else None
+    if ckpt is None:
+        raise UserError(f"no evaluator at '{path}'; train one: python fid.py train-evaluator --data DATA "
+                        "--image-size S (with the model's data and size), or pass --evaluator PATH")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "genlab evaluator":
+        raise UserError(f"'{path}' is not an evaluator made by `fid.py train-evaluator`")
+    net = Evaluator(ckpt["image_shape"], len(ckpt["class_names"]), ckpt["width"])
+    net.load_state_dict(ckpt["state"])
+    return net.eval(), ckpt
+
