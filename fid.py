@@ -5,7 +5,7 @@ Equilibrium") is the Fréchet distance between Gaussians fitted to the 2048-d po
 InceptionV3 for real and generated images (inception.py: pytorch-fid's network, weight file and
 preprocessing). KID (Binkowski et al. 2018, "Demystifying MMD GANs") is the unbiased MMD^2 with the cubic
 polynomial kernel, averaged over subsets: unlike FID it is unbiased in N, so it is the number to trust for
-small sets. FID is biased by N: compare FIDs only at equal N (>= 2048).
+small sets. FID is biased by N: compare FIDs only at equal N (>= 2048). Both need at least 2 images per set.
 
 The offline evaluator (evaluator.py) is a small CNN classifier trained on the dataset's own classes. Its
 features give FD_eval and KID_eval (never called FID: not comparable with published numbers), and its
@@ -54,9 +54,16 @@ SAMPLE_BATCH = 250
 # Fréchet distance and KID: pure functions of features
 # ----------------------------------------------------------------------------------------------
 
+def require_two(n, what):
+    # the unbiased covariance divides by N - 1: one image gives NaN statistics (and a NaN FID), not an error
+    if n < 2:
+        raise UserError(f"{what} has {n} image{'' if n == 1 else 's'}; FID and KID need at least 2 images per set")
+
+
 def statistics(features):
-    """Mean and covariance (float64, unbiased, as np.cov) of features (N, D)."""
+    """Mean and covariance (float64, unbiased, as np.cov) of features (N, D), N >= 2."""
     features = np.asarray(features, dtype=np.float64)
+    require_two(len(features), "the feature set")
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -225,6 +232,8 @@ class SampleQuality:
     def __init__(self, extractors, real_images, real_labels, n_samples=None, seed=0, sample_kwargs=None):
         self.extractors, self.real_labels, self.seed = extractors, real_labels, seed
         self.n_samples = n_samples or len(real_images)
+        require_two(len(real_images), "the real image set (the validation split)")   # before any features
+        require_two(self.n_samples, "the generated set (--fid-samples)")
         self.sample_kwargs = sample_kwargs or {}
         self.real = [(e, e(real_images, desc=f"{e.kind} features of real images")) for e in extractors]
         self.metric = extractors[0].names[0]   # what Best is chosen on when the model selects by it
@@ -291,17 +300,6 @@ def extractors_from_args(args, data, image_size, device="cpu", models_dir="model
     return [make_extractor(kind, args.inception_weights, evaluator_file, device) for kind in kinds]
 
 
-def features_or_stats(path, extractor, image_size):
-    """A folder's features (N, D), or the (mu, sigma) of a .npz statistics file."""
-    if str(path).endswith(".npz"):
-        with np.load(path) as f:
-            return None, (f["mu"], f["sigma"])
-    channels = extractor.image_shape[0] if extractor.image_shape else 3
-    data = common.load_data(str(path), image_size, channels)
-    features = extractor(data.images, desc=f"features of {path}")
-    return features, statistics(features)
-
-
 def compare(argv):
     parser = argparse.ArgumentParser(prog="fid.py", description="FID and KID between two image folders or .npz "
                                      "statistics; or `fid.py train-evaluator --help`", allow_abbrev=False)
@@ -326,20 +324,31 @@ def compare(argv):
     device = common.pick_device(args.device)
     evaluator_file = args.evaluator or evaluator_path(args.paths[-1], args.image_size)
     extractor = make_extractor(args.features, args.inception_weights, evaluator_file, device)
-    results = [features_or_stats(p, extractor, args.image_size) for p in args.paths]
+    channels = extractor.image_shape[0] if extractor.image_shape else 3
+    folders = [None if p.endswith(".npz") else common.load_data(p, args.image_size, channels) for p in args.paths]
+    for path, data in zip(args.paths, folders):   # every folder counted before any features are computed
+        if data is not None:
+            require_two(len(data.images), f"'{path}'")
+    features = [None if data is None else extractor(data.images, desc=f"features of {path}")
+                for path, data in zip(args.paths, folders)]
+    stats = [npz_statistics(path) if f is None else statistics(f) for path, f in zip(args.paths, features)]
     if args.save_stats:
-        features, (mu, sigma) = results[0]
-        np.savez_compressed(args.save_stats, mu=mu, sigma=sigma)
-        print(f"wrote {args.save_stats}: mu and sigma of {len(features)} images")
+        np.savez_compressed(args.save_stats, mu=stats[0][0], sigma=stats[0][1])
+        print(f"wrote {args.save_stats}: mu and sigma of {len(features[0])} images")
         return
     fd_name, kid_name = extractor.names
-    (f1, stats1), (f2, stats2) = results
-    if f1 is not None and f2 is not None:
-        warn_about_sizes(len(f1), len(f2))
-    print(f"{fd_name} {frechet_distance(*stats1, *stats2):.4f}")
-    if f1 is not None and f2 is not None:
-        kid, kid_std = kernel_inception_distance(f1, f2)
+    both_folders = all(f is not None for f in features)
+    if both_folders:
+        warn_about_sizes(len(features[0]), len(features[1]))
+    print(f"{fd_name} {frechet_distance(*stats[0], *stats[1]):.4f}")
+    if both_folders:
+        kid, kid_std = kernel_inception_distance(*features)
         print(f"{kid_name} {kid:.5f} std {kid_std:.5f}")
+
+
+def npz_statistics(path):
+    with np.load(path) as f:
+        return f["mu"], f["sigma"]
 
 
 def train_evaluator_cli(argv):

@@ -1,4 +1,5 @@
-"""fid.py: the Fréchet distance and KID against independent computations, and the metrics wired into fid.py's CLI, train_script.py and random_generation.py (the network
+"""fid.py: the Fréchet distance and KID against independent computations, sets of fewer than 2 images
+refused, and the metrics wired into fid.py's CLI, train_script.py and random_generation.py (the network
 is tested in test_inception.py, the evaluator in test_evaluator.py). The Inception weights used here are
 random: they exercise the code path only and no number from them is an FID."""
 
@@ -8,6 +9,7 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 
+import common
 import fid
 import train_script
 from common import UserError
@@ -104,6 +106,53 @@ def test_size_warnings():
     with pytest.warns(UserWarning, match="2048"):
         fid.warn_about_sizes(500, 500)
 
+
+# ---------------------------------------------------------------------------------------------- fewer than 2 images
+
+class CountingExtractor:
+    """An extractor that records what it was asked to compute."""
+    kind, names = "evaluator", ("FD_eval", "KID_eval")
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, images, desc="", cache=True):
+        self.calls.append(len(images))
+        return images.flatten(1).double().numpy()
+
+
+def test_statistics_and_sample_quality_refuse_fewer_than_two_images():
+    with pytest.raises(UserError, match="1 image; FID and KID need at least 2 images per set"):
+        fid.statistics(np.zeros((1, 4)))
+    images, labels = torch.zeros(5, 1, 2, 2, dtype=torch.uint8), torch.zeros(5, dtype=torch.long)
+    extractor = CountingExtractor()
+    with pytest.raises(UserError, match="the real image set .* has 1 image"):
+        fid.SampleQuality([extractor], images[:1], labels[:1])
+    with pytest.raises(UserError, match=r"the generated set \(--fid-samples\) has 1 image"):
+        fid.SampleQuality([extractor], images, labels, n_samples=1)
+    assert extractor.calls == []   # refused before any features
+    assert len(fid.SampleQuality([extractor], images[:2], labels[:2]).real) == 1 and extractor.calls == [2]
+
+
+@pytest.fixture
+def evaluator_8(tmp_path):
+    write_image_folder(tmp_path / "data", per_class=10, size=8, classes=("x", "y"))
+    data = common.load_data(str(tmp_path / "data"), 8)
+    net, val_accuracy = fid.train_evaluator(data, epochs=1, width=4, log=lambda line: None)
+    fid.save_evaluator(net, data, val_accuracy, 0, tmp_path / "ev.pth")
+    return tmp_path / "ev.pth"
+
+
+def test_cli_refuses_a_folder_of_one_image_before_computing_anything(tmp_path, evaluator_8, isolated_cache, capsys):
+    write_image_folder(tmp_path / "one", per_class=1, size=8, classes=("x",))
+    features = ["--features", "evaluator", "--evaluator", str(evaluator_8), "--image-size", "8"]
+    with pytest.raises(UserError) as err:
+        fid.main([str(tmp_path / "data"), str(tmp_path / "one"), *features])
+    assert str(err.value) == (f"'{tmp_path / 'one'}' has 1 image; FID and KID need at least 2 images per set")
+    with pytest.raises(UserError, match="'.*one' has 1 image"):
+        fid.main([str(tmp_path / "one"), "--save-stats", str(tmp_path / "one.npz"), *features])
+    assert capsys.readouterr().out == "" and not (tmp_path / "one.npz").exists()
+    assert not (isolated_cache / "features").exists()   # not even the 20-image folder's features
 
 # ---------------------------------------------------------------------------------------------- CLI
 
