@@ -2,9 +2,12 @@
 
 Its pooled features give a Fréchet distance reported as FD_eval (never called FID: it is not comparable
 with published numbers), and its predictions give the class accuracy of class-conditional samples.
-It lives at models/Evaluator_<data folder name>_<size>.pth; `fid.py train-evaluator` makes it.
+It lives at models/Evaluator_<data folder name>_<size>.pth; `fid.py train-evaluator` makes it, and
+fid.extractors_from_args trains it there with the same defaults the first time a metric needs it.
 """
+import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +17,17 @@ import torch.nn.functional as F
 
 import common
 from common import UserError
+
+@dataclasses.dataclass
+class Training:
+    """How `fid.py train-evaluator` trains (these are its flags), and so how the evaluator is trained on first need."""
+    epochs: int = common.option(15, "passes over the train split")
+    batch_size: int = common.option(64, "images per step")
+    lr: float = common.option(2e-3, "peak learning rate of Adam's one-cycle schedule")
+    width: int = common.option(32, "channels of the first conv stage; the next two have 2w and 4w")
+    seed: int = common.option(0, "seeds the weights and the 80/20 train/val split, which is train_script.py's "
+                                 "split at the same seed")
+
 
 class Evaluator(nn.Module):
     """Three conv stages (w, 2w, 4w channels, two 3x3 convs each) -> global average pool -> linear.
@@ -48,6 +62,14 @@ def evaluator_path(data, image_size, models_dir="models"):
     return Path(models_dir) / f"Evaluator_{Path(str(data)).name}_{image_size}.pth"
 
 
+def train_command(data, image_size, channels, out):
+    """The `fid.py train-evaluator` command that writes the evaluator for `data` at `out`."""
+    command = f"python fid.py train-evaluator --data {data} --image-size {image_size} --channels {channels}"
+    if Path(out) != evaluator_path(data, image_size):
+        command += f" --out {out}"
+    return command
+
+
 @torch.no_grad()
 def accuracy(net, images, labels, batch_size=256):
     net.eval()
@@ -56,22 +78,30 @@ def accuracy(net, images, labels, batch_size=256):
     return correct / len(images)
 
 
-def train_evaluator(data, epochs=15, batch_size=64, lr=2e-3, width=32, seed=0, device="cpu", log=print):
-    """Train on the train split (the same 80/20 split as the models), report validation accuracy."""
+def require_classes(data):
     if len(data.class_names) < 2:
         raise UserError(f"the evaluator is a classifier and needs at least 2 classes, but '{data.source}' has one; "
                         "put the images in one sub-folder per class")
-    common.seed_everything(seed)
-    train_idx, val_idx = common.split_indices(len(data.images), seed)
-    net = Evaluator(data.image_shape, len(data.class_names), width).to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    steps = epochs * math.ceil(len(train_idx) / batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
-    shuffle_rng = torch.Generator().manual_seed(seed)
-    for epoch in range(1, epochs + 1):
+
+
+def train_evaluator(data, device="cpu", log=print, **settings):
+    """Train on the train split (the same 80/20 split as the models), report validation accuracy.
+
+    `settings` are fields of Training (epochs, batch_size, lr, width, seed); the others keep its defaults.
+    """
+    require_classes(data)
+    t = Training(**settings)
+    common.seed_everything(t.seed)
+    train_idx, val_idx = common.split_indices(len(data.images), t.seed)
+    net = Evaluator(data.image_shape, len(data.class_names), t.width).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=t.lr)
+    steps = t.epochs * math.ceil(len(train_idx) / t.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, t.lr, total_steps=steps)
+    shuffle_rng = torch.Generator().manual_seed(t.seed)
+    for epoch in range(1, t.epochs + 1):
         started, total = time.perf_counter(), 0.0
         net.train()
-        for x, y in common.iterate_batches(data.images[train_idx], data.labels[train_idx], batch_size,
+        for x, y in common.iterate_batches(data.images[train_idx], data.labels[train_idx], t.batch_size,
                                            shuffle_rng, flip=True):
             loss = F.cross_entropy(net(x.to(device)), y.to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -103,3 +133,19 @@ def load_evaluator(path):
     net.load_state_dict(ckpt["state"])
     return net.eval(), ckpt
 
+
+def train_on_first_need(path, data, image_size, dataset=None, channels=None, device="cpu"):
+    """Train the evaluator a metric needs with train-evaluator's defaults, and save it at `path` for next time.
+
+    `dataset` is `data` already loaded (common.ImageData), else it is loaded here with `channels`.
+    """
+    if dataset is None:
+        dataset = common.load_data(data, image_size, channels)
+    require_classes(dataset)
+    print(f"# no evaluator at {path}: training one "
+          f"({train_command(data, image_size, dataset.image_shape[0], path)})", flush=True)
+    started, defaults = time.perf_counter(), Training()
+    net, val_accuracy = train_evaluator(dataset, device, log=lambda line: print(line, file=sys.stderr))
+    save_evaluator(net, dataset, val_accuracy, defaults.seed, path)
+    print(f"wrote {path}: validation accuracy {val_accuracy:.4f}, {time.perf_counter() - started:.0f}s",
+          file=sys.stderr, flush=True)

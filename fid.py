@@ -9,7 +9,7 @@ small sets. FID is biased by N: compare FIDs only at equal N (>= 2048). Both nee
 
 The offline evaluator (evaluator.py) is a small CNN classifier trained on the dataset's own classes. Its
 features give FD_eval and KID_eval (never called FID: not comparable with published numbers), and its
-predictions the class accuracy of class-conditional samples.
+predictions the class accuracy of class-conditional samples. The metric flags train it on first need.
 Here: the metrics, the cached feature extractor, SampleQuality, the metric flags, and the two CLIs:
 
     python fid.py vis/samples/ ./flowers                    # FID and KID between two image folders (or .npz statistics)
@@ -26,6 +26,7 @@ reports their class accuracy. A model with `selects_by_sample_quality = True` (n
 validation loss, e.g. a GAN) has Best and early stopping chosen on the first metric of --fid-features.
 """
 import argparse
+import dataclasses
 import hashlib
 import math
 import sys
@@ -41,8 +42,8 @@ from tqdm import tqdm
 import common
 from common import UserError
 # the network and the evaluator moved to their own files; their names stay reachable as fid.<name>
-from evaluator import (Evaluator, accuracy, evaluator_path, load_evaluator, save_evaluator,  # noqa: F401
-                       train_evaluator)
+from evaluator import (Evaluator, Training, accuracy, evaluator_path, load_evaluator, save_evaluator,  # noqa: F401
+                       train_evaluator, train_on_first_need)
 from inception import (FID_WEIGHTS_NAME, FID_WEIGHTS_URL, fid_inception_v3, hub_weights_file,  # noqa: F401
                        inception_input, inception_weights, load_inception)
 
@@ -279,7 +280,8 @@ def add_metric_flags(parser):
                              "when its weights are here, else evaluator, never a download (default: %(default)s)")
     parser.add_argument("--inception-weights", default=None, help=INCEPTION_WEIGHTS_HELP)
     parser.add_argument("--evaluator", default=None,
-                        help="evaluator checkpoint (default: models/Evaluator_<data>_<size>.pth)")
+                        help="evaluator checkpoint (default: models/Evaluator_<data>_<size>.pth, trained there with "
+                             "`fid.py train-evaluator`'s defaults the first time it is needed)")
 
 
 def resolve_features(kinds, inception_weights_file=None):
@@ -289,14 +291,24 @@ def resolve_features(kinds, inception_weights_file=None):
     return [("inception" if present else "evaluator") if kind == "auto" else kind for kind in kinds]
 
 
-def extractors_from_args(args, data, image_size, device="cpu", models_dir="models"):
+def extractors_from_args(args, data, image_size, device="cpu", models_dir="models", dataset=None):
+    """The extractors of --fid-features for the data named `data` (--data) at `image_size`.
+
+    A missing evaluator at the default path is trained there first; `dataset`, the same data already
+    loaded (common.ImageData), saves decoding it again.
+    """
     kinds = resolve_features(args.fid_features, args.inception_weights)
-    evaluator_file = args.evaluator or evaluator_path(data, image_size, models_dir)
-    if "evaluator" in kinds and not Path(evaluator_file).is_file():   # say the exact command that makes it
-        out = "" if Path(evaluator_file) == evaluator_path(data, image_size) else f" --out {evaluator_file}"
-        where = f" (or put pytorch-fid's weights at {hub_weights_file()} for FID)" if "auto" in args.fid_features else ""
-        raise UserError(f"no evaluator at '{evaluator_file}' for the sample-quality metric; train it first: "
-                        f"python fid.py train-evaluator --data {data} --image-size {image_size}{out}{where}")
+    evaluator_file = Path(args.evaluator or evaluator_path(data, image_size, models_dir))
+    if "evaluator" in kinds and not evaluator_file.is_file():
+        if args.evaluator:   # a path the user typed is a typo to report, not a request to train
+            raise UserError(f"--evaluator '{args.evaluator}' does not exist; leave it out to train one at "
+                            f"{evaluator_path(data, image_size, models_dir)}")
+        try:
+            train_on_first_need(evaluator_file, data, image_size, dataset, getattr(args, "channels", None), device)
+        except UserError as err:   # e.g. data with one class: with 'auto', FID is the way out
+            if "auto" not in args.fid_features:
+                raise
+            raise UserError(f"{err} (or put pytorch-fid's weights at {hub_weights_file()} for FID)") from err
     return [make_extractor(kind, args.inception_weights, evaluator_file, device) for kind in kinds]
 
 
@@ -360,25 +372,19 @@ def train_evaluator_cli(argv):
                         help="the size the generative models use (default: %(default)s)")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
                         help="1 for grey, 3 for RGB (default: 1 when every image is grey, else 3)")
-    parser.add_argument("--epochs", type=int, default=15, help="passes over the train split (default: 15)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of Adam's one-cycle schedule "
-                        "(default: 2e-3)")
-    parser.add_argument("--width", type=int, default=32, help="channels of the first conv stage; the next two have "
-                        "2w and 4w (default: 32)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the 80/20 train/val split, which "
-                        "is train_script.py's split at the same seed (default: 0)")
+    common.add_config_flags(parser, Training, "training")
     parser.add_argument("--out", default=None, help="where to write it (default: models/Evaluator_<data>_<size>.pth, "
                         "where the metrics look for it)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help=DEVICE_HELP)
     args = parser.parse_args(argv)
     data = common.load_data(args.data, args.image_size, args.channels)
+    training = common.config_from_args(Training, args)
     started = time.perf_counter()
-    net, val_accuracy = train_evaluator(data, args.epochs, args.batch_size, args.lr, args.width, args.seed,
-                                        common.pick_device(args.device), log=lambda line: print(line, flush=True))
+    net, val_accuracy = train_evaluator(data, common.pick_device(args.device), log=lambda line: print(line, flush=True),
+                                        **dataclasses.asdict(training))
     out = Path(args.out or evaluator_path(args.data, args.image_size))
-    save_evaluator(net, data, val_accuracy, args.seed, out)
-    n_val = len(common.split_indices(len(data.images), args.seed)[1])
+    save_evaluator(net, data, val_accuracy, training.seed, out)
+    n_val = len(common.split_indices(len(data.images), training.seed)[1])
     print(f"wrote {out}: validation accuracy {val_accuracy:.4f} on {n_val} images, {len(data.class_names)} classes, "
           f"{time.perf_counter() - started:.0f}s")
 

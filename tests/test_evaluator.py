@@ -1,17 +1,38 @@
 """evaluator.py and its wiring: accuracy and FD_eval ranking real below noise, the class accuracy of conditional
-samples, and Best chosen by FD_eval."""
+samples, the evaluator trained on first need by the exact command it prints, and Best chosen by FD_eval."""
+import argparse
 import dataclasses
+import shlex
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import common
+import evaluator
 import fid
 import train_script
 from common import UserError
 from conftest import write_image_folder
+
+
+def write_separable_folder(root, per_class=15, size=16, seed=0):
+    """Two classes an evaluator learns at once: dark noise and light noise."""
+    rng = np.random.default_rng(seed)
+    for name, low in (("dark", 0), ("light", 156)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(low, low + 100, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def metric_args(**overrides):
+    return argparse.Namespace(**{"fid_features": ["evaluator"], "inception_weights": None, "evaluator": None,
+                                 **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +98,50 @@ def test_conditional_samples_match_class_proportions_and_are_classified(shapes_e
     assert torch.equal(torch.bincount(fid.matched_labels(torch.tensor([0, 0, 1, 2]), 8)), torch.tensor([4, 2, 2]))
 
 
+# ---------------------------------------------------------------------------------------------- first need
+
+def test_a_missing_evaluator_is_trained_on_first_need_by_the_command_it_prints_then_reused(tmp_path, monkeypatch,
+                                                                                           capsys):
+    data_dir = write_separable_folder(tmp_path / "data")
+    dataset = common.load_data(str(data_dir), 8)
+    models = tmp_path / "models"
+    [extractor] = fid.extractors_from_args(metric_args(), str(data_dir), 8, "cpu", str(models), dataset=dataset)
+    path = models / "Evaluator_data_8.pth"
+    out = capsys.readouterr().out.splitlines()
+    command = f"python fid.py train-evaluator --data {data_dir} --image-size 8 --channels 3 --out {path}"
+    assert out == [f"# no evaluator at {path}: training one ({command})"]
+    assert path.is_file() and extractor.image_shape == (3, 8, 8)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["val_accuracy"] == 1.0
+
+    # the printed command makes the same evaluator
+    again = tmp_path / "again.pth"
+    fid.main(shlex.split(command)[2:-2] + ["--out", str(again)])
+    state = torch.load(again, weights_only=True)["state"]
+    assert all(torch.equal(state[k], ckpt["state"][k]) for k in ckpt["state"])
+
+    # the next run reuses it, and without the loaded data it loads the data itself
+    capsys.readouterr()
+    monkeypatch.setattr(evaluator, "train_evaluator", lambda *args, **kwargs: pytest.fail("trained again"))
+    fid.extractors_from_args(metric_args(), str(data_dir), 8, "cpu", str(models))
+    assert "no evaluator" not in capsys.readouterr().out
+    monkeypatch.undo()
+    path.unlink()
+    fid.extractors_from_args(metric_args(fid_features=["auto"]), str(data_dir), 8, "cpu", str(models))
+    assert path.is_file()
+
+
+def test_first_need_keeps_the_clear_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))   # no Inception weights: auto is evaluator
+    write_image_folder(tmp_path / "flat", per_class=4, size=8, classes=("only",))
+    with pytest.raises(UserError, match="needs at least 2 classes.*or put pytorch-fid's weights at"):
+        fid.extractors_from_args(metric_args(fid_features=["auto"]), str(tmp_path / "flat"), 8, "cpu",
+                                 str(tmp_path / "models"))
+    with pytest.raises(UserError, match="--evaluator 'typo.pth' does not exist"):
+        fid.extractors_from_args(metric_args(evaluator="typo.pth"), str(tmp_path / "flat"), 8)
+    assert capsys.readouterr().out == "" and not (tmp_path / "models").exists()
+
+
 # ---------------------------------------------------------------------------------------------- Best by FD_eval
 
 @dataclasses.dataclass
@@ -103,17 +168,16 @@ class QualitySelected(nn.Module):
 
 
 def test_training_selects_and_early_stops_on_fd_eval_for_quality_selected_models(tmp_path, monkeypatch, capsys):
-    write_image_folder(tmp_path / "data", per_class=20, size=16, classes=("x", "y"))
-    data = common.load_data(str(tmp_path / "data"), 8)
-    net, acc = fid.train_evaluator(data, epochs=1, width=4, log=lambda line: None)
-    fid.save_evaluator(net, data, acc, 0, tmp_path / "models" / "Evaluator_data_8.pth")
+    write_separable_folder(tmp_path / "data", per_class=20)
     fake = types.SimpleNamespace(__name__="fake", Config=FakeConfig, TRAIN_DEFAULTS={}, Model=QualitySelected)
     monkeypatch.setitem(train_script.MODELS, "fake", fake)
     argv = ["--model", "fake", "--data", str(tmp_path / "data"), "--image-size", "8", "--epochs", "10",
             "--patience", "2", "--fid-every", "1", "--fid-features", "evaluator", "--fid-samples", "12",
             "--models-dir", str(tmp_path / "models"), "--log-dir", str(tmp_path / "log")]
-    train_script.train(argv)
+    train_script.train(argv)   # the evaluator is trained on first need
     out = capsys.readouterr().out
+    first_need = f"# no evaluator at {tmp_path / 'models' / 'Evaluator_data_8.pth'}: training one"
+    assert sum(line.startswith(first_need) for line in out.splitlines()) == 1
     epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
     # samples never change, so FD_eval never improves: early stop after 1 + 2 evaluations, val_loss notwithstanding
     assert len(epochs) == 3 and all("FD_eval" in l and "KID_eval" in l for l in epochs)

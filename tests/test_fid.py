@@ -201,17 +201,17 @@ def test_training_with_fid_and_no_weights_fails_before_training(tmp_path, monkey
     assert not (tmp_path / "models" / "Last_MLPAE.pth").exists()
 
 
-def test_random_generation_fid_with_the_evaluator(tmp_path):
+def test_random_generation_fid_with_the_evaluator_trained_on_first_need(tmp_path):
     write_image_folder(tmp_path / "data", per_class=15, size=16, classes=("x", "y"))
-    result = run_script("fid.py", "train-evaluator", "--data", tmp_path / "data", "--image-size", "8", "--epochs", "1",
-                        "--width", "4", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "validation accuracy" in result.stdout and (tmp_path / "models" / "Evaluator_data_8.pth").is_file()
     result = run_script("train_script.py", "--model", "VAE", "--data", tmp_path / "data", "--image-size", "8",
-                        "--epochs", "1", cwd=tmp_path)
+                        "--epochs", "1", "--fid-every", "1", "--fid-features", "evaluator", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    command = f"python fid.py train-evaluator --data {tmp_path / 'data'} --image-size 8 --channels 3"
+    assert f"# no evaluator at models/Evaluator_data_8.pth: training one ({command})" in result.stdout.splitlines()
+    assert (tmp_path / "models" / "Evaluator_data_8.pth").is_file()
     result = run_script("random_generation.py", "--model", "VAE", "--fid", "--fid-features", "evaluator",
                         cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "no evaluator" not in result.stdout   # reused
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("FD_eval ") and "KID_eval" in last and "6 samples vs the 6 validation images" in last
