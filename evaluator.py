@@ -4,6 +4,10 @@ Its pooled features give a Fréchet distance reported as FD_eval (never called F
 with published numbers), and its predictions give the class accuracy of class-conditional samples.
 It lives at models/Evaluator_<data folder name>_<size>.pth; `fid.py train-evaluator` makes it, and
 fid.extractors_from_args trains it there with the same defaults the first time a metric needs it.
+
+An evaluator that classifies no better than chance has learnt nothing of the classes: its features may
+barely depend on the image, and then FD_eval is near 0 for any samples, noise included. Such an
+evaluator is flagged when trained, refused for choosing Best, and warned about when merely reported.
 """
 import dataclasses
 import math
@@ -17,6 +21,11 @@ import torch.nn.functional as F
 
 import common
 from common import UserError
+
+# validation accuracy <= 1/K + CHANCE_MARGIN (K classes) counts as chance: the margin covers the luck of a
+# small validation split, so an evaluator must beat guessing by a clear step before it may choose Best
+CHANCE_MARGIN = 0.05
+
 
 @dataclasses.dataclass
 class Training:
@@ -62,12 +71,12 @@ def evaluator_path(data, image_size, models_dir="models"):
     return Path(models_dir) / f"Evaluator_{Path(str(data)).name}_{image_size}.pth"
 
 
-def train_command(data, image_size, channels, out):
-    """The `fid.py train-evaluator` command that writes the evaluator for `data` at `out`."""
+def train_command(data, image_size, channels, out, epochs=None):
+    """The `fid.py train-evaluator` command that writes the evaluator for `data` at `out` (defaults but `epochs`)."""
     command = f"python fid.py train-evaluator --data {data} --image-size {image_size} --channels {channels}"
     if Path(out) != evaluator_path(data, image_size):
         command += f" --out {out}"
-    return command
+    return command + (f" --epochs {epochs}" if epochs else "")
 
 
 @torch.no_grad()
@@ -116,19 +125,52 @@ def train_evaluator(data, device="cpu", log=print, **settings):
     return net.cpu().eval(), val_accuracy
 
 
-def save_evaluator(net, data, val_accuracy, seed, path):
-    common.save_checkpoint({"kind": "genlab evaluator", "image_shape": list(net.image_shape),
-                            "class_names": list(data.class_names), "width": net.width, "data": data.source,
-                            "seed": seed, "val_accuracy": val_accuracy, "state": net.state_dict()}, path)
+def near_chance(val_accuracy, num_classes):
+    return val_accuracy <= 1 / num_classes + CHANCE_MARGIN
 
 
-def load_evaluator(path):
+def save_evaluator(net, data, val_accuracy, seed, path, epochs=None):
+    """Write the checkpoint, which records its validation accuracy, chance (1/K) and whether it is near it;
+    returns it."""
+    ckpt = {"kind": "genlab evaluator", "image_shape": list(net.image_shape), "class_names": list(data.class_names),
+            "width": net.width, "data": data.source, "seed": seed, "epochs": epochs, "val_accuracy": val_accuracy,
+            "chance": 1 / len(data.class_names), "near_chance": near_chance(val_accuracy, len(data.class_names)),
+            "state": net.state_dict()}
+    common.save_checkpoint(ckpt, path)
+    return ckpt
+
+
+def chance_problem(ckpt, path):
+    """None for an evaluator that beats chance, else what is wrong and the command that retrains it."""
+    k, val_accuracy = len(ckpt["class_names"]), ckpt["val_accuracy"]
+    if not near_chance(val_accuracy, k):   # from the accuracy, so evaluators saved before the flag count too
+        return None
+    channels, size = ckpt["image_shape"][0], ckpt["image_shape"][1]
+    longer = 2 * (ckpt.get("epochs") or Training().epochs)   # twice what it had (the default, if not recorded)
+    return (f"the evaluator '{path}' has validation accuracy {val_accuracy:.3f} on {k} classes, at or below "
+            f"chance 1/{k} = {1 / k:.3f} + {CHANCE_MARGIN}: its features may barely depend on the image, so "
+            f"FD_eval can be near 0 even for noise; train it longer or on more images per class: "
+            f"{train_command(ckpt['data'], size, channels, path, longer)}")
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def load_evaluator(path, for_selection=False):
+    """The evaluator and its checkpoint. One at chance is refused `for_selection` (choosing Best on FD_eval),
+    and only warned about when its numbers are merely reported."""
     ckpt = common.load_checkpoint(path) if Path(path).is_file() else None
     if ckpt is None:
         raise UserError(f"no evaluator at '{path}'; train one: python fid.py train-evaluator --data DATA "
                         "--image-size S (with the model's data and size), or pass --evaluator PATH")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "genlab evaluator":
         raise UserError(f"'{path}' is not an evaluator made by `fid.py train-evaluator`")
+    problem = chance_problem(ckpt, path)
+    if problem and for_selection:
+        raise UserError(f"refusing to choose Best by FD_eval: {problem}")
+    if problem:
+        warn(problem)
     net = Evaluator(ckpt["image_shape"], len(ckpt["class_names"]), ckpt["width"])
     net.load_state_dict(ckpt["state"])
     return net.eval(), ckpt
@@ -146,6 +188,6 @@ def train_on_first_need(path, data, image_size, dataset=None, channels=None, dev
           f"({train_command(data, image_size, dataset.image_shape[0], path)})", flush=True)
     started, defaults = time.perf_counter(), Training()
     net, val_accuracy = train_evaluator(dataset, device, log=lambda line: print(line, file=sys.stderr))
-    save_evaluator(net, dataset, val_accuracy, defaults.seed, path)
+    save_evaluator(net, dataset, val_accuracy, defaults.seed, path, defaults.epochs)
     print(f"wrote {path}: validation accuracy {val_accuracy:.4f}, {time.perf_counter() - started:.0f}s",
           file=sys.stderr, flush=True)

@@ -42,8 +42,8 @@ from tqdm import tqdm
 import common
 from common import UserError
 # the network and the evaluator moved to their own files; their names stay reachable as fid.<name>
-from evaluator import (Evaluator, Training, accuracy, evaluator_path, load_evaluator, save_evaluator,  # noqa: F401
-                       train_evaluator, train_on_first_need)
+from evaluator import (Evaluator, Training, accuracy, chance_problem, evaluator_path, load_evaluator,  # noqa: F401
+                       save_evaluator, train_evaluator, train_on_first_need, warn)
 from inception import (FID_WEIGHTS_NAME, FID_WEIGHTS_URL, fid_inception_v3, hub_weights_file,  # noqa: F401
                        inception_input, inception_weights, load_inception)
 
@@ -186,11 +186,12 @@ class FeatureExtractor:
         return features
 
 
-def make_extractor(kind, inception_weights_file=None, evaluator_file=None, device="cpu"):
+def make_extractor(kind, inception_weights_file=None, evaluator_file=None, device="cpu", for_selection=False):
+    """'inception' or 'evaluator' features; `for_selection`: the evaluator's FD_eval will choose Best."""
     if kind == "inception":
         path = inception_weights(inception_weights_file)
         return FeatureExtractor("inception", load_inception(path, device), inception_input, path, device=device)
-    net, ckpt = load_evaluator(evaluator_file)
+    net, ckpt = load_evaluator(evaluator_file, for_selection)
     return FeatureExtractor("evaluator", net.features, common.to_float, evaluator_file, tuple(ckpt["image_shape"]),
                             classifier=net, batch_size=256)
 
@@ -291,11 +292,13 @@ def resolve_features(kinds, inception_weights_file=None):
     return [("inception" if present else "evaluator") if kind == "auto" else kind for kind in kinds]
 
 
-def extractors_from_args(args, data, image_size, device="cpu", models_dir="models", dataset=None):
+def extractors_from_args(args, data, image_size, device="cpu", models_dir="models", dataset=None,
+                         for_selection=False):
     """The extractors of --fid-features for the data named `data` (--data) at `image_size`.
 
     A missing evaluator at the default path is trained there first; `dataset`, the same data already
-    loaded (common.ImageData), saves decoding it again.
+    loaded (common.ImageData), saves decoding it again. `for_selection`: the first metric chooses Best,
+    so an evaluator at chance is refused for it.
     """
     kinds = resolve_features(args.fid_features, args.inception_weights)
     evaluator_file = Path(args.evaluator or evaluator_path(data, image_size, models_dir))
@@ -309,7 +312,8 @@ def extractors_from_args(args, data, image_size, device="cpu", models_dir="model
             if "auto" not in args.fid_features:
                 raise
             raise UserError(f"{err} (or put pytorch-fid's weights at {hub_weights_file()} for FID)") from err
-    return [make_extractor(kind, args.inception_weights, evaluator_file, device) for kind in kinds]
+    return [make_extractor(kind, args.inception_weights, evaluator_file, device, for_selection and i == 0)
+            for i, kind in enumerate(kinds)]
 
 
 def compare(argv):
@@ -383,10 +387,13 @@ def train_evaluator_cli(argv):
     net, val_accuracy = train_evaluator(data, common.pick_device(args.device), log=lambda line: print(line, flush=True),
                                         **dataclasses.asdict(training))
     out = Path(args.out or evaluator_path(args.data, args.image_size))
-    save_evaluator(net, data, val_accuracy, training.seed, out)
+    ckpt = save_evaluator(net, data, val_accuracy, training.seed, out, training.epochs)
     n_val = len(common.split_indices(len(data.images), training.seed)[1])
     print(f"wrote {out}: validation accuracy {val_accuracy:.4f} on {n_val} images, {len(data.class_names)} classes, "
           f"{time.perf_counter() - started:.0f}s")
+    problem = chance_problem(ckpt, out)
+    if problem:
+        warn(problem)
 
 
 def main(argv=None):

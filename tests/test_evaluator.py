@@ -1,5 +1,6 @@
 """evaluator.py and its wiring: accuracy and FD_eval ranking real below noise, the class accuracy of conditional
-samples, the evaluator trained on first need by the exact command it prints, and Best chosen by FD_eval."""
+samples, an evaluator at chance warned about when trained, refused for choosing Best and warned about when
+reported, the evaluator trained on first need by the exact command it prints, and Best chosen by FD_eval."""
 import argparse
 import dataclasses
 import shlex
@@ -30,6 +31,16 @@ def write_separable_folder(root, per_class=15, size=16, seed=0):
     return root
 
 
+def write_identical_classes(root, classes=("a", "b", "c"), per_class=18, size=8):
+    """Three classes of the same flat grey image: nothing to learn, so any evaluator predicts one class.
+    With 18 per class no class holds more than 4 of the 11 validation images (seed 0): accuracy <= 0.364."""
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (size, size), (128, 128, 128)).save(root / name / f"{i:03d}.png")
+    return root
+
+
 def metric_args(**overrides):
     return argparse.Namespace(**{"fid_features": ["evaluator"], "inception_weights": None, "evaluator": None,
                                  **overrides})
@@ -40,14 +51,14 @@ def shapes_evaluator(tmp_path_factory):
     data = common.make_shapes(n=1200, image_size=12)
     net, val_accuracy = fid.train_evaluator(data, epochs=5, batch_size=32, lr=5e-3, width=8, log=lambda line: None)
     path = tmp_path_factory.mktemp("evaluator") / "Evaluator_shapes_12.pth"
-    fid.save_evaluator(net, data, val_accuracy, 0, path)
+    fid.save_evaluator(net, data, val_accuracy, 0, path, epochs=5)
     return data, path, val_accuracy
 
 
 def test_evaluator_is_accurate_and_its_distance_ranks_real_below_noise(shapes_evaluator):
     data, path, val_accuracy = shapes_evaluator
     assert val_accuracy > 0.85
-    extractor = fid.make_extractor("evaluator", evaluator_file=path)
+    extractor = fid.make_extractor("evaluator", evaluator_file=path, for_selection=True)
     train_idx, val_idx = common.split_indices(len(data.images), 0)
     real_val = extractor(data.images[val_idx], cache=False)
     real_train = extractor(data.images[train_idx[:len(val_idx)]], cache=False)
@@ -98,6 +109,58 @@ def test_conditional_samples_match_class_proportions_and_are_classified(shapes_e
     assert torch.equal(torch.bincount(fid.matched_labels(torch.tensor([0, 0, 1, 2]), 8)), torch.tensor([4, 2, 2]))
 
 
+# ---------------------------------------------------------------------------------------------- at chance
+
+@pytest.fixture
+def evaluator_at_chance(tmp_path, capsys):
+    """`fid.py train-evaluator` on three classes of one image: (checkpoint path, what it printed)."""
+    write_identical_classes(tmp_path / "same")
+    path = tmp_path / "Evaluator_same_8.pth"
+    fid.main(["train-evaluator", "--data", str(tmp_path / "same"), "--image-size", "8", "--epochs", "2",
+              "--width", "4", "--out", str(path)])
+    return path, capsys.readouterr()
+
+
+def test_train_evaluator_warns_at_chance_and_the_checkpoint_records_it(evaluator_at_chance):
+    path, printed = evaluator_at_chance
+    ckpt = torch.load(path, weights_only=True)
+    # independent: the val split's labels, and the one class a network that cannot tell images apart predicts
+    _, val_idx = common.split_indices(54, 0)
+    val_labels = torch.arange(3).repeat_interleave(18)[val_idx]
+    net = evaluator.Evaluator((3, 8, 8), 3, 4)
+    net.load_state_dict(ckpt["state"])
+    predicted = int(net.eval()(torch.full((1, 3, 8, 8), 128 / 255)).argmax())
+    assert ckpt["val_accuracy"] == pytest.approx(float((val_labels == predicted).float().mean()))
+    assert ckpt["val_accuracy"] <= 1 / 3 + evaluator.CHANCE_MARGIN
+    assert ckpt["near_chance"] is True and ckpt["chance"] == pytest.approx(1 / 3) and ckpt["epochs"] == 2
+    warning = [line for line in printed.err.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and f"{ckpt['val_accuracy']:.3f} on 3 classes" in warning[0]
+    assert "chance 1/3 = 0.333" in warning[0] and "--epochs 4" in warning[0]
+    assert "validation accuracy" in printed.out
+
+
+def test_an_evaluator_at_chance_is_refused_for_choosing_best_and_only_warned_about_for_reporting(
+        evaluator_at_chance, tmp_path, monkeypatch, capsys):
+    path, _ = evaluator_at_chance
+    with pytest.raises(UserError) as err:
+        fid.load_evaluator(path, for_selection=True)
+    assert "refusing to choose Best by FD_eval" in str(err.value) and "\n" not in str(err.value)
+    assert f"python fid.py train-evaluator --data {tmp_path / 'same'} --image-size 8" in str(err.value)
+    with pytest.raises(UserError, match="refusing"):
+        fid.extractors_from_args(metric_args(evaluator=str(path)), "same", 8, for_selection=True)
+    assert capsys.readouterr().err == ""
+    [extractor] = fid.extractors_from_args(metric_args(evaluator=str(path)), "same", 8)   # reporting: a warning
+    assert extractor.kind == "evaluator" and capsys.readouterr().err.startswith("warning: the evaluator")
+    # only the first metric chooses Best: an evaluator reported after FID is warned about, not refused
+    (tmp_path / "weights.pth").write_bytes(b"stub")
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: nn.Identity())   # no Inception needed here
+    args = metric_args(fid_features=["inception", "evaluator"], evaluator=str(path),
+                       inception_weights=str(tmp_path / "weights.pth"))
+    extractors = fid.extractors_from_args(args, "same", 8, for_selection=True)
+    assert [e.kind for e in extractors] == ["inception", "evaluator"]
+    assert capsys.readouterr().err.startswith("warning: the evaluator")
+
+
 # ---------------------------------------------------------------------------------------------- first need
 
 def test_a_missing_evaluator_is_trained_on_first_need_by_the_command_it_prints_then_reused(tmp_path, monkeypatch,
@@ -105,14 +168,15 @@ def test_a_missing_evaluator_is_trained_on_first_need_by_the_command_it_prints_t
     data_dir = write_separable_folder(tmp_path / "data")
     dataset = common.load_data(str(data_dir), 8)
     models = tmp_path / "models"
-    [extractor] = fid.extractors_from_args(metric_args(), str(data_dir), 8, "cpu", str(models), dataset=dataset)
+    [extractor] = fid.extractors_from_args(metric_args(), str(data_dir), 8, "cpu", str(models), dataset=dataset,
+                                           for_selection=True)
     path = models / "Evaluator_data_8.pth"
     out = capsys.readouterr().out.splitlines()
     command = f"python fid.py train-evaluator --data {data_dir} --image-size 8 --channels 3 --out {path}"
     assert out == [f"# no evaluator at {path}: training one ({command})"]
     assert path.is_file() and extractor.image_shape == (3, 8, 8)
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["val_accuracy"] == 1.0
+    assert ckpt["val_accuracy"] == 1.0 and ckpt["epochs"] == evaluator.Training().epochs
 
     # the printed command makes the same evaluator
     again = tmp_path / "again.pth"
