@@ -342,7 +342,8 @@ def train_run(args, argv):
     # Sample quality (FID/KID or FD_eval), and what Best is chosen on.
     quality = None
     if args.fid_every > 0:
-        extractors = fid.extractors_from_args(args, args.data, args.image_size, device, args.models_dir)
+        extractors = fid.extractors_from_args(args, args.data, args.image_size, device, args.models_dir,
+                                              dataset=data, for_selection=model.selects_by_sample_quality)
         quality = fid.SampleQuality(extractors, val_images, val_labels, args.fid_samples, args.seed)
     by_quality = quality is not None and model.selects_by_sample_quality
     if model.selects_by_sample_quality and not by_quality:

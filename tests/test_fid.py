@@ -1,10 +1,7 @@
-"""fid.py: the Fréchet distance and KID against independent computations, the Inception network against
-pytorch-fid's weight file layout, preprocessing, the offline evaluator, and the metrics wired into
-fid.py's CLI, train_script.py and random_generation.py. The Inception weights used here are random:
-they exercise the code path only and no number from them is an FID."""
-import dataclasses
-import types
-import urllib.error
+"""fid.py: the Fréchet distance and KID against independent computations, sets of fewer than 2 images
+refused, and the metrics wired into fid.py's CLI, train_script.py and random_generation.py (the network
+is tested in test_inception.py, the evaluator in test_evaluator.py). The Inception weights used here are
+random: they exercise the code path only and no number from them is an FID."""
 
 import numpy as np
 import pytest
@@ -16,8 +13,7 @@ import common
 import fid
 import train_script
 from common import UserError
-from contract import GenerativeModel
-from conftest import SHARED_DATA, run_script, write_image_folder
+from conftest import run_script, write_image_folder
 
 
 def random_covariance(rng, d):
@@ -111,44 +107,61 @@ def test_size_warnings():
         fid.warn_about_sizes(500, 500)
 
 
-# ---------------------------------------------------------------------------------------------- Inception
+# ---------------------------------------------------------------------------------------------- fewer than 2 images
 
-@pytest.mark.skipif(not (SHARED_DATA / "fid_inception_state_dict_keys.txt").exists(), reason="shared data absent")
-def test_inception_state_dict_matches_pytorch_fids_weight_file():
-    expected = dict(line.rstrip("\n").split("\t") for line in
-                    (SHARED_DATA / "fid_inception_state_dict_keys.txt").read_text().splitlines())
-    ours = {k: str(tuple(v.shape)) for k, v in fid.FIDInceptionV3().state_dict().items()}
-    assert len(expected) == 566 and ours == expected
+class CountingExtractor:
+    """An extractor that records what it was asked to compute."""
+    kind, names = "evaluator", ("FD_eval", "KID_eval")
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, images, desc="", cache=True):
+        self.calls.append(len(images))
+        return images.flatten(1).double().numpy()
 
 
-def test_quantisation_and_resize_match_an_independent_computation():
-    torch.manual_seed(0)
-    x = torch.rand(2, 1, 5, 7)
-    q = fid.quantize(x)
-    assert torch.equal(q, torch.from_numpy(np.floor(np.clip(x.numpy() * 255 + 0.5, 0, 255)).astype(np.uint8)))
-    out = fid.inception_input(q)
-    assert out.shape == (2, 3, 299, 299) and torch.equal(out[:, 0], out[:, 2])  # grey repeated to RGB
+def test_statistics_and_sample_quality_refuse_fewer_than_two_images():
+    with pytest.raises(UserError, match="1 image; FID and KID need at least 2 images per set"):
+        fid.statistics(np.zeros((1, 4)))
+    images, labels = torch.zeros(5, 1, 2, 2, dtype=torch.uint8), torch.zeros(5, dtype=torch.long)
+    extractor = CountingExtractor()
+    with pytest.raises(UserError, match="the real image set .* has 1 image"):
+        fid.SampleQuality([extractor], images[:1], labels[:1])
+    with pytest.raises(UserError, match=r"the generated set \(--fid-samples\) has 1 image"):
+        fid.SampleQuality([extractor], images, labels, n_samples=1)
+    assert extractor.calls == []   # refused before any features
+    assert len(fid.SampleQuality([extractor], images[:2], labels[:2]).real) == 1 and extractor.calls == [2]
 
-    def bilinear_axis(n_in, n_out):  # align_corners=False: source = (i + 0.5) n_in / n_out - 0.5, clamped at 0
-        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0)
-        lo = np.floor(src).astype(int)
-        hi = np.minimum(lo + 1, n_in - 1)
-        weights = np.zeros((n_out, n_in))
-        weights[np.arange(n_out), lo] += 1 - (src - lo)
-        weights[np.arange(n_out), hi] += src - lo
-        return weights
 
-    image = q[1, 0].numpy() / 255.0
-    expected = bilinear_axis(5, 299) @ image @ bilinear_axis(7, 299).T * 2 - 1
-    assert np.allclose(out[1, 1].numpy(), expected, atol=1e-5)
+@pytest.fixture
+def evaluator_8(tmp_path):
+    write_image_folder(tmp_path / "data", per_class=10, size=8, classes=("x", "y"))
+    data = common.load_data(str(tmp_path / "data"), 8)
+    net, val_accuracy = fid.train_evaluator(data, epochs=1, width=4, log=lambda line: None)
+    fid.save_evaluator(net, data, val_accuracy, 0, tmp_path / "ev.pth")
+    return tmp_path / "ev.pth"
 
+
+def test_cli_refuses_a_folder_of_one_image_before_computing_anything(tmp_path, evaluator_8, isolated_cache, capsys):
+    write_image_folder(tmp_path / "one", per_class=1, size=8, classes=("x",))
+    features = ["--features", "evaluator", "--evaluator", str(evaluator_8), "--image-size", "8"]
+    with pytest.raises(UserError) as err:
+        fid.main([str(tmp_path / "data"), str(tmp_path / "one"), *features])
+    assert str(err.value) == (f"'{tmp_path / 'one'}' has 1 image; FID and KID need at least 2 images per set")
+    with pytest.raises(UserError, match="'.*one' has 1 image"):
+        fid.main([str(tmp_path / "one"), "--save-stats", str(tmp_path / "one.npz"), *features])
+    assert capsys.readouterr().out == "" and not (tmp_path / "one.npz").exists()
+    assert not (isolated_cache / "features").exists()   # not even the 20-image folder's features
+
+# ---------------------------------------------------------------------------------------------- CLI
 
 @pytest.fixture(scope="module")
 def random_inception_weights(tmp_path_factory):
     """A weight file of a randomly initialised network (He init, so activations neither vanish nor explode).
     Only a test of the plumbing: nothing computed with it is an FID."""
     torch.manual_seed(0)
-    net = fid.FIDInceptionV3()
+    net = fid.fid_inception_v3()
     for module in net.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
@@ -177,132 +190,7 @@ def test_cli_end_to_end_with_stats_file_and_feature_cache(tmp_path, random_incep
                    np.allclose(stats["sigma"], fid.statistics(np.load(f))[1]) for f in cached)
 
 
-def test_no_weights_offline_is_a_one_line_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    write_image_folder(tmp_path / "a", per_class=2, size=8, classes=("x",))
-    with pytest.raises(UserError) as err:
-        fid.main([str(tmp_path / "a"), str(tmp_path / "a")])
-    message = str(err.value)
-    assert "\n" not in message and str(tmp_path / "hub" / "checkpoints" / fid.FID_WEIGHTS_NAME) in message
-    assert "--inception-weights" in message
-    with pytest.raises(UserError, match="does not exist"):
-        fid.load_inception(tmp_path / "missing.pth")
-
-
-# ---------------------------------------------------------------------------------------------- evaluator
-
-@pytest.fixture(scope="module")
-def shapes_evaluator(tmp_path_factory):
-    data = common.make_shapes(n=1200, image_size=12)
-    net, val_accuracy = fid.train_evaluator(data, epochs=5, batch_size=32, lr=5e-3, width=8, log=lambda line: None)
-    path = tmp_path_factory.mktemp("evaluator") / "Evaluator_shapes_12.pth"
-    fid.save_evaluator(net, data, val_accuracy, 0, path)
-    return data, path, val_accuracy
-
-
-def test_evaluator_is_accurate_and_its_distance_ranks_real_below_noise(shapes_evaluator):
-    data, path, val_accuracy = shapes_evaluator
-    assert val_accuracy > 0.85
-    extractor = fid.make_extractor("evaluator", evaluator_file=path)
-    train_idx, val_idx = common.split_indices(len(data.images), 0)
-    real_val = extractor(data.images[val_idx], cache=False)
-    real_train = extractor(data.images[train_idx[:len(val_idx)]], cache=False)
-    noise = extractor(torch.randint(0, 256, data.images[val_idx].shape, dtype=torch.uint8), cache=False)
-    real_vs_real = fid.frechet_distance(*fid.statistics(real_train), *fid.statistics(real_val))
-    real_vs_noise = fid.frechet_distance(*fid.statistics(noise), *fid.statistics(real_val))
-    assert 0 <= real_vs_real < real_vs_noise / 10
-    with pytest.raises(UserError, match="trained on 3x12x12"):
-        extractor(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
-    with pytest.raises(UserError, match="uint8 images.*fid.quantize"):
-        extractor(common.to_float(data.images[val_idx]))
-
-
-def test_evaluator_needs_classes(tmp_path):
-    write_image_folder(tmp_path / "flat", per_class=4, size=8, classes=("only",))
-    data = common.load_data(str(tmp_path / "flat"), 8)
-    with pytest.raises(UserError, match="needs at least 2 classes"):
-        fid.train_evaluator(data, epochs=1)
-
-
-class ConditionalFake(nn.Module):
-    """A 'model' that draws real images of the asked class: the conditional sampling contract."""
-    conditional = True
-
-    def __init__(self, data):
-        super().__init__()
-        self.data, self.asked = data, []
-        self.weight = nn.Parameter(torch.zeros(1))
-
-    def sample(self, n, generator=None, labels=None):
-        self.asked.append(labels.clone())
-        picks = [torch.nonzero(self.data.labels == int(c)).flatten() for c in labels]
-        idx = torch.stack([p[torch.randint(len(p), (1,), generator=generator)][0] for p in picks])
-        return common.to_float(self.data.images[idx])
-
-
-def test_conditional_samples_match_class_proportions_and_are_classified(shapes_evaluator):
-    data, path, _ = shapes_evaluator
-    _, val_idx = common.split_indices(len(data.images), 0)
-    quality = fid.SampleQuality([fid.make_extractor("evaluator", evaluator_file=path)], data.images[val_idx],
-                                data.labels[val_idx], seed=0)
-    model = ConditionalFake(data)
-    with pytest.warns(UserWarning):
-        metrics = quality(model)
-    asked = torch.cat(model.asked)
-    assert torch.equal(torch.bincount(asked, minlength=9), torch.bincount(data.labels[val_idx], minlength=9))
-    assert metrics["accuracy_eval"] > 0.85 and metrics["FD_eval"] >= 0 and "KID_eval" in metrics
-    assert torch.equal(torch.bincount(fid.matched_labels(torch.tensor([0, 0, 1, 2]), 8)), torch.tensor([4, 2, 2]))
-
-
 # ---------------------------------------------------------------------------------------------- wiring
-
-@dataclasses.dataclass
-class FakeConfig:
-    pass
-
-
-class QualitySelected(GenerativeModel):
-    """A GAN-like model: val_loss improves every epoch (meaningless), samples are always the same noise."""
-    selects_by_sample_quality = True
-
-    def __init__(self, config, image_shape, num_classes=1):
-        super().__init__(config, image_shape)
-        self.weight = nn.Parameter(torch.ones(1))
-        self.register_buffer("calls", torch.zeros(()))
-
-    def loss(self, x, y=None, generator=None):
-        self.calls += 1
-        return {"loss": (self.weight - 1).pow(2).sum() + 1 / self.calls}
-
-    def sample(self, n, generator=None):
-        return torch.rand(n, *self.image_shape, generator=generator)
-
-
-def test_training_selects_and_early_stops_on_fd_eval_for_quality_selected_models(tmp_path, monkeypatch, capsys):
-    write_image_folder(tmp_path / "data", per_class=20, size=16, classes=("x", "y"))
-    data = common.load_data(str(tmp_path / "data"), 8)
-    net, acc = fid.train_evaluator(data, epochs=1, width=4, log=lambda line: None)
-    evaluator = tmp_path / "models" / "Evaluator_data_8.pth"
-    fid.save_evaluator(net, data, acc, 0, evaluator)
-    fake = types.SimpleNamespace(__name__="fake", Config=FakeConfig, TRAIN_DEFAULTS={}, Model=QualitySelected)
-    monkeypatch.setitem(train_script.MODELS, "fake", fake)
-    argv = ["--model", "fake", "--data", str(tmp_path / "data"), "--image-size", "8", "--epochs", "10",
-            "--patience", "2", "--fid-every", "1", "--fid-features", "evaluator", "--fid-samples", "12",
-            "--models-dir", str(tmp_path / "models"), "--log-dir", str(tmp_path / "log")]
-    train_script.train(argv)
-    out = capsys.readouterr().out
-    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
-    # samples never change, so FD_eval never improves: early stop after 1 + 2 evaluations, val_loss notwithstanding
-    assert len(epochs) == 3 and all("FD_eval" in l and "KID_eval" in l for l in epochs)
-    assert epochs[0].endswith("*best*") and "early stop: no new best FD_eval" in out
-    history = torch.load(tmp_path / "models" / "Last_fake.pth", weights_only=True)["history"]
-    assert history[0]["FD_eval"] == history[2]["FD_eval"] and history[2]["val_loss"] < history[0]["val_loss"]
-
 
 def test_training_with_fid_and_no_weights_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr(fid, "inception_weights", lambda path=None: (_ for _ in ()).throw(UserError("no weights")))
@@ -313,17 +201,17 @@ def test_training_with_fid_and_no_weights_fails_before_training(tmp_path, monkey
     assert not (tmp_path / "models" / "Last_MLPAE.pth").exists()
 
 
-def test_random_generation_fid_with_the_evaluator(tmp_path):
+def test_random_generation_fid_with_the_evaluator_trained_on_first_need(tmp_path):
     write_image_folder(tmp_path / "data", per_class=15, size=16, classes=("x", "y"))
-    result = run_script("fid.py", "train-evaluator", "--data", tmp_path / "data", "--image-size", "8", "--epochs", "1",
-                        "--width", "4", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "validation accuracy" in result.stdout and (tmp_path / "models" / "Evaluator_data_8.pth").is_file()
     result = run_script("train_script.py", "--model", "VAE", "--data", tmp_path / "data", "--image-size", "8",
-                        "--epochs", "1", cwd=tmp_path)
+                        "--epochs", "1", "--fid-every", "1", "--fid-features", "evaluator", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    command = f"python fid.py train-evaluator --data {tmp_path / 'data'} --image-size 8 --channels 3"
+    assert f"# no evaluator at models/Evaluator_data_8.pth: training one ({command})" in result.stdout.splitlines()
+    assert (tmp_path / "models" / "Evaluator_data_8.pth").is_file()
     result = run_script("random_generation.py", "--model", "VAE", "--fid", "--fid-features", "evaluator",
                         cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "no evaluator" not in result.stdout   # reused
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("FD_eval ") and "KID_eval" in last and "6 samples vs the 6 validation images" in last
