@@ -126,23 +126,42 @@ def config_from_args(config_cls, args):
 
 @dataclass
 class ImageData:
-    """A whole dataset in memory. images: (N, C, H, W) uint8; labels: (N,) int64."""
+    """A whole dataset in memory. images: (N, C, H, W) uint8; labels: (N,) int64 class indices.
+
+    Data with richer conditions (scenes.py) also has `label_names` (K), `multilabels` (N, K) uint8, the multi-hot
+    set of labels in each image, and `layouts` (N, H, W) uint8, 1 + the label at each pixel (0: background)."""
     images: torch.Tensor
     labels: torch.Tensor
     class_names: list
     source: str
+    label_names: list = None
+    multilabels: torch.Tensor = None
+    layouts: torch.Tensor = None
 
     @property
     def image_shape(self):
         return tuple(self.images.shape[1:])
 
+    def conditions(self, kind):
+        """The tensor of a condition kind ("class", "labels", "layout"), and the names its values index."""
+        if kind == "class":
+            return self.labels, self.class_names
+        found = self.multilabels if kind == "labels" else self.layouts
+        if found is None:
+            raise UserError(f"'{self.source}' has no {'multi-hot labels' if kind == 'labels' else 'layouts'}; pass "
+                            "--labels/--layouts files (see scenes.py), --data objects, or another --condition")
+        return found, self.label_names
+
     @property
     def fingerprint(self):
-        """16 hex digits of sha256 over the decoded images, labels and class names: a checkpoint records it,
-        and a resume can tell that the data changed (images added or edited, a class added or renamed)."""
+        """16 hex digits of sha256 over the decoded images, labels, class names and any multi-hot labels and
+        layouts: a checkpoint records it, and a resume can tell that the data changed."""
         digest = hashlib.sha256(json.dumps([list(self.images.shape), self.class_names]).encode())
-        digest.update(self.images.contiguous().numpy().tobytes())
-        digest.update(self.labels.contiguous().numpy().tobytes())
+        for tensor in (self.images, self.labels, self.multilabels, self.layouts):
+            if tensor is not None:
+                digest.update(tensor.contiguous().numpy().tobytes())
+        if self.label_names is not None:
+            digest.update(json.dumps(self.label_names).encode())
         return digest.hexdigest()[:16]
 
 
@@ -290,15 +309,22 @@ def _write_cache(cache_file, images, labels, skipped):
 
 
 def load_image_folder(root, image_size=24, channels=None, cache_dir=DEFAULT_CACHE_DIR):
-    """Decode a folder once and keep it in memory; the decoded arrays are cached on disk.
+    """Decode a folder once and keep it in memory (see decode_cached); classes from its sub-folders."""
+    files, labels, class_names = list_image_folder(root)
+    images, kept_labels = decode_cached(root, files, labels, image_size, channels, cache_dir)
+    return ImageData(images, kept_labels, class_names, str(root))
 
-    The cache key covers the folder's file list, mtimes and sizes, the image size and channels,
-    so a changed folder is decoded again and an unchanged one is never decoded twice. The cache
-    also remembers which files were unreadable, so every run gives the same warning.
+
+def decode_cached(root, files, labels, image_size=24, channels=None, cache_dir=DEFAULT_CACHE_DIR):
+    """Decode `files` under `root` with their `labels` (ints): (images (N, C, S, S) uint8, labels (N,)) of the
+    readable ones; the decoded arrays are cached on disk.
+
+    The cache key covers the file list, mtimes and sizes, the image size and channels, so a changed folder is
+    decoded again and an unchanged one is never decoded twice. The cache also remembers which files were
+    unreadable, so every run gives the same warning.
     """
     if channels not in (None, 1, 3):
         raise UserError(f"--channels must be 1 or 3, got {channels}")
-    files, labels, class_names = list_image_folder(root)
     cache_file = Path(cache_dir) / f"{_cache_key(root, files, image_size, channels)}.npz"
     decoded = None
     if cache_file.exists():
@@ -306,14 +332,14 @@ def load_image_folder(root, image_size=24, channels=None, cache_dir=DEFAULT_CACH
             decoded = _read_cache(cache_file)
         except Exception as err:  # truncated, overwritten, half-copied: whatever it is, decode again
             warnings.warn(f"the data cache '{cache_file}' was unreadable ({type(err).__name__}); "
-                          "decoded the folder again and rebuilt it", stacklevel=2)
+                          "decoded the folder again and rebuilt it", stacklevel=3)
     if decoded is None:
         decoded = _decode_files(root, files, labels, image_size, channels)
         _write_cache(cache_file, *decoded)
     images, label_array, skipped = decoded
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} unreadable image file(s) in '{root}' (e.g. {skipped[0]})", stacklevel=2)
-    return ImageData(torch.from_numpy(images), torch.from_numpy(label_array), class_names, str(root))
+        warnings.warn(f"skipped {len(skipped)} unreadable image file(s) in '{root}' (e.g. {skipped[0]})", stacklevel=3)
+    return torch.from_numpy(images), torch.from_numpy(label_array)
 
 
 SHAPE_NAMES = ("circle", "square", "triangle")
@@ -358,10 +384,17 @@ def make_shapes(n=3000, image_size=24, channels=3, seed=0, supersample=4):
                      class_names, "shapes")
 
 
-def load_data(data, image_size=24, channels=None, cache_dir=DEFAULT_CACHE_DIR):
-    """`--data`: the word 'shapes' (built in) or a folder of images."""
+def load_data(data, image_size=24, channels=None, cache_dir=DEFAULT_CACHE_DIR, labels=None, label_names=None,
+              layouts=None):
+    """`--data`: 'shapes' or 'objects' (built in), or a folder of images; with `labels` (a train.json) or `layouts`
+    (a folder of maps or a boxes .json) and `label_names` (an objects.json), the folder's multi-label data."""
+    import scenes   # here: scenes.py builds on this module
     if data == "shapes":
         return make_shapes(image_size=image_size, channels=channels or 3)
+    if data == "objects":
+        return scenes.make_objects(image_size=image_size, channels=channels or 3)
+    if labels or layouts or label_names:
+        return scenes.load_labelled_folder(data, labels, label_names, layouts, image_size, channels, cache_dir)
     return load_image_folder(data, image_size, channels, cache_dir)
 
 

@@ -19,11 +19,13 @@ import torch.nn as nn
 class GenerativeModel(nn.Module):
     """Base class of every model. Subclasses set the capabilities that differ and implement `loss` and `sample`.
 
-    Images are (B, C, H, W) floats in [0, 1] in and out; y holds the class labels (B,) of a batch.
+    Images are (B, C, H, W) floats in [0, 1] in and out; y holds the batch's conditions: class indices (B,), and
+    for data that has them multi-hot label vectors (B, K) or layout maps (B, H, W) (see unet.py).
     """
 
-    # Capabilities (class attributes or properties), read by the scripts:
-    conditional = False                 # sample(n, generator, labels=y) draws image i from class y[i]
+    # Capabilities (class attributes, or set in __init__), read by the scripts:
+    condition = None                    # the condition y it takes: "class", "labels", "layout" (unet.CONDITIONS)
+                                        # or None; sample(n, generator, labels=y) draws image i for y[i]
     generates = True                    # sample() draws new images (False: an autoencoder stage without a prior)
     reconstructs = False                # reconstruct(x) -> x_hat: reconstruction pictures in visualization.py
     denoises = False                    # denoising_process(...): the x_T ... x_0 picture in visualization.py
@@ -34,6 +36,10 @@ class GenerativeModel(nn.Module):
     def __init__(self, config, image_shape):
         super().__init__()
         self.config, self.image_shape = config, tuple(image_shape)
+
+    @property
+    def conditional(self):
+        return self.condition is not None
 
     # -- required --------------------------------------------------------------------------------------------
     def loss(self, x, y=None, generator=None):

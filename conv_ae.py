@@ -26,7 +26,7 @@ class Config:
 
 
 class Model(Autoencoder):
-    def __init__(self, config, image_shape, num_classes=1):
+    def __init__(self, config, image_shape, num_classes=1, condition="class"):   # unconditional: both ignored
         super().__init__(config, image_shape)
         channels, height, width = image_shape
         if height % 4 or width % 4:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 import samplers
 from common import UserError, option
 from contract import GenerativeModel
-from unet import UNet, UNetConfig, check_size, drop_labels, guided
+from unet import CONDITIONS, UNet, UNetConfig, as_condition, check_size, drop_condition, guided, null_condition
 
 TRAIN_DEFAULTS = dict(epochs=35, lr=6e-4, batch_size=32, lr_decay=0.5, lr_decay_every=15, patience=10, flip=True,
                       grad_clip=1.0)
@@ -43,8 +43,8 @@ class Config(UNetConfig):   # the U-Net's flags, and these
                            choices=("linear", "cosine", "sigmoid"))
     ema_decay: float = option(0.999, "EMA decay of the weights used for sampling and validation", low=0, high=1)
     clip_x0: bool = option(True, "clip the predicted x_0 to [-1, 1] in each sampling step, as DDPM's code does")
-    unconditional: bool = option(False, "ignore class labels even when the data has several classes")
-    label_dropout: float = option(0.1, "probability of the null label in training (classifier-free guidance)",
+    unconditional: bool = option(False, "ignore the data's conditions (classes, labels or layouts)")
+    label_dropout: float = option(0.1, "probability of the null condition in training (classifier-free guidance)",
                                   low=0, high=1)
     v_prediction: bool = option(False, "predict v = sqrt(ab) eps - sqrt(1-ab) x_0 (Salimans & Ho 2022)")
     min_snr_gamma: float = option(0.0, "weight the loss by min(SNR, gamma)/SNR (Hang et al. 2023, gamma 5); 0: off",
@@ -71,13 +71,17 @@ class Model(GenerativeModel):
     denoises = True
     sample_options = ("sampler", "steps", "eta", "guidance")
 
-    def __init__(self, config, image_shape, num_classes=1):
+    def __init__(self, config, image_shape, num_classes=1, condition="class"):
         super().__init__(config, image_shape)
         check_size(config, *self.image_shape[1:])
-        self.num_classes = 0 if config.unconditional or num_classes < 2 else num_classes
+        if condition not in CONDITIONS:
+            raise UserError(f"unknown condition {condition}; choose {', '.join(CONDITIONS)}")
+        # num_classes: the classes, or the label names of multi-hot labels and layouts
+        self.num_classes = 0 if config.unconditional or (condition == "class" and num_classes < 2) else num_classes
+        self.condition = condition if self.num_classes else None
         channels = self.image_shape[0]
         # channels_last (N, H, W, C in memory): oneDNN's CPU convolutions run 1.5-2x faster in this layout
-        self.unet = UNet(config, channels, channels, self.num_classes).to(memory_format=torch.channels_last)
+        self.unet = UNet(config, channels, channels, self.num_classes, condition).to(memory_format=torch.channels_last)
         self.init_ema("unet", config.ema_decay)   # sampling and validation use these weights
 
         b = beta_schedule(config.schedule, config.timesteps)
@@ -95,10 +99,6 @@ class Model(GenerativeModel):
         }
         for name, value in schedule.items():
             self.register_buffer(name, value.float(), persistent=False)
-
-    @property
-    def conditional(self):
-        return self.num_classes > 0
 
     def parameter_groups(self):
         return {"model": self.unet}   # the EMA copy is not optimised
@@ -127,7 +127,10 @@ class Model(GenerativeModel):
         """The loss of `loss` for x_0 already in diffusion space (pixels in [-1, 1], or latents)."""
         t = torch.randint(0, self.config.timesteps, (len(x0),), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        labels = drop_labels(y, self.num_classes, self.config.label_dropout, generator) if self.conditional else None
+        labels = None
+        if self.conditional:
+            labels = drop_condition(as_condition(y, self.condition), self.condition, self.num_classes,
+                                    self.config.label_dropout, generator)
         out = (self.unet if self.training else self.ema)(self.q_sample(x0, t, noise), t, labels)
         if self.config.v_prediction:   # v = sqrt(ab_t) eps - sqrt(1-ab_t) x_0
             target = self._at(self.sqrt_ab, t) * noise - self._at(self.sqrt_1m_ab, t) * x0
@@ -154,7 +157,7 @@ class Model(GenerativeModel):
     def denoiser(self, y, guidance):
         """denoise(x_t, t) -> (x0_hat, eps_hat, v) for samplers.py: EMA weights in eval mode, guidance w."""
         net = self.unet if self.training else self.ema
-        return lambda xt, t: self.predict(xt, t, guided(net, xt, t, y, self.num_classes, guidance))
+        return lambda xt, t: self.predict(xt, t, guided(net, xt, t, y, guidance))
 
     def to_images(self, x):
         """Diffusion space to images in [0, 1]: [-1, 1] -> [0, 1]."""
@@ -167,8 +170,9 @@ class Model(GenerativeModel):
 
         sampler: 'ddim' (steps evenly spaced, noise eta: 0 deterministic given x_T, 1 DDPM-like), 'dpmpp'
         (DPM-Solver++(2M), time-uniform steps) or 'ddpm' (ancestral; all T steps unless `steps`). steps: network
-        evaluations, default DEFAULT_STEPS. labels: image i is drawn from class labels[i] (else class i mod K);
-        guidance: classifier-free guidance's w (1: the conditional model alone)."""
+        evaluations, default DEFAULT_STEPS. labels: image i is drawn for the condition labels[i] (default: class
+        i mod K, or the null condition for labels and layouts); guidance: classifier-free guidance's w (1: the
+        conditional model alone)."""
         if sampler not in DEFAULT_STEPS:
             raise UserError(f"unknown sampler '{sampler}'; choose {', '.join(DEFAULT_STEPS)}")
         T = self.config.timesteps
@@ -178,12 +182,16 @@ class Model(GenerativeModel):
         if labels is not None and not self.conditional:
             raise UserError("this model is unconditional (one class, or --unconditional); drop --class-label")
         if guidance != 1 and not self.conditional:
-            raise UserError("--guidance needs a class-conditional model; this one is unconditional")
+            raise UserError("--guidance needs a conditional model; this one is unconditional")
         device = self.alphas_bar.device
         x = torch.randn(n, *self.image_shape, generator=generator, device=device)   # x_T ~ N(0, I)
-        y = None
-        if self.conditional:
-            y = labels.to(device) if labels is not None else torch.arange(n, device=device) % self.num_classes
+        y = None if labels is None else as_condition(labels.to(device), self.condition)
+        if y is None and self.condition == "class":
+            y = torch.arange(n, device=device) % self.num_classes
+        elif y is None and self.conditional:   # a batch of null conditions: unconditional samples
+            template = torch.zeros(n, self.num_classes) if self.condition == "labels" else \
+                torch.zeros(n, *self.image_shape[1:], dtype=torch.long)
+            y = null_condition(template.to(device), self.condition, self.num_classes)
         denoise = self.denoiser(y, guidance)
         if sampler == "dpmpp":
             ts = samplers.time_uniform(T, min(steps, T))

@@ -1,7 +1,12 @@
-"""The offline evaluator: a small CNN classifier of the dataset's own classes, which needs no download.
+"""The offline evaluator: a small CNN classifier of the dataset's own classes (or, for multi-label data, of its
+labels), which needs no download; and the layout evaluator, a small per-pixel classifier of the labels.
 
-Its pooled features give a Fréchet distance reported as FD_eval (never called FID: it is not comparable
-with published numbers), and its predictions give the class accuracy of class-conditional samples.
+The evaluator's pooled features give a Fréchet distance reported as FD_eval (never called FID: it is not
+comparable with published numbers), and its predictions the accuracy of conditional samples: the class
+accuracy, or for multi-hot labels the iCLEVR evaluator's: of the k labels an image was asked to hold, how
+many are among the k the classifier rates highest, summed over the images and divided by the labels asked for.
+The layout evaluator reads a layout off an image; its mean IoU against the layouts samples were asked for,
+beside its mean IoU on real validation images (the ceiling), measures layout-conditional models.
 It lives at models/Evaluator_<data folder name>_<size>.pth; `fid.py train-evaluator` makes it, and
 fid.extractors_from_args trains it there with the same defaults the first time a metric needs it.
 
@@ -44,9 +49,9 @@ class Evaluator(nn.Module):
     The pooled 4w-d vector is the feature for FD_eval; the linear layer gives class logits.
     """
 
-    def __init__(self, image_shape, num_classes, width=32):
+    def __init__(self, image_shape, num_classes, width=32, task="class"):
         super().__init__()
-        self.image_shape, self.num_classes, self.width = tuple(image_shape), num_classes, width
+        self.image_shape, self.num_classes, self.width, self.task = tuple(image_shape), num_classes, width, task
 
         def stage(c_in, c_out):
             return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
@@ -79,16 +84,38 @@ def train_command(data, image_size, channels, out, epochs=None):
     return command + (f" --epochs {epochs}" if epochs else "")
 
 
+def label_hits(logits, multi_hot):
+    """For each image asked to hold k labels: how many of them are among the k highest logits. (B,) counts."""
+    k = multi_hot.sum(1).long()
+    ranks = logits.argsort(dim=1, descending=True).argsort(dim=1)     # rank of each label's logit, 0 = highest
+    return ((ranks < k[:, None]) & (multi_hot > 0)).sum(1)
+
+
 @torch.no_grad()
-def accuracy(net, images, labels, batch_size=256):
+def accuracy(net, images, targets, batch_size=256):
+    """Class accuracy for class indices (N,); for multi-hot labels (N, K), the hits of `label_hits` over all
+    images divided by the labels asked for (the iCLEVR evaluator's accuracy)."""
     net.eval()
-    correct = sum(int((net(x).argmax(1) == y).sum())
-                  for x, y in common.iterate_batches(images, labels, batch_size, shuffle=False))
-    return correct / len(images)
+    hits, total = 0, 0
+    for x, y in common.iterate_batches(images, targets, batch_size, shuffle=False):
+        logits = net(x)
+        if y.dim() == 1:
+            hits, total = hits + int((logits.argmax(1) == y).sum()), total + len(y)
+        else:
+            hits, total = hits + int(label_hits(logits, y).sum()), total + int(y.sum())
+    return hits / total
+
+
+def chance_accuracy(data):
+    """What guessing scores: 1/K classes; for labels, a random top k holds each asked label with chance k/K."""
+    if data.multilabels is None:
+        return 1 / len(data.class_names)
+    k = data.multilabels.sum(1).double()
+    return float((k * k).sum() / (k.sum() * data.multilabels.shape[1]))
 
 
 def require_classes(data):
-    if len(data.class_names) < 2:
+    if data.multilabels is None and len(data.class_names) < 2:
         raise UserError(f"the evaluator is a classifier and needs at least 2 classes, but '{data.source}' has one; "
                         "put the images in one sub-folder per class")
 
@@ -102,7 +129,11 @@ def train_evaluator(data, device="cpu", log=print, **settings):
     t = Training(**settings)
     common.seed_everything(t.seed)
     train_idx, val_idx = common.split_indices(len(data.images), t.seed)
-    net = Evaluator(data.image_shape, len(data.class_names), t.width).to(device)
+    multi_label = data.multilabels is not None   # sigmoid outputs and binary cross-entropy, one per label
+    targets = data.multilabels.float() if multi_label else data.labels
+    names = data.label_names if multi_label else data.class_names
+    net = Evaluator(data.image_shape, len(names), t.width, "labels" if multi_label else "class").to(device)
+    loss_fn = F.binary_cross_entropy_with_logits if multi_label else F.cross_entropy
     optimizer = torch.optim.Adam(net.parameters(), lr=t.lr)
     steps = t.epochs * math.ceil(len(train_idx) / t.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, t.lr, total_steps=steps)
@@ -110,31 +141,33 @@ def train_evaluator(data, device="cpu", log=print, **settings):
     for epoch in range(1, t.epochs + 1):
         started, total = time.perf_counter(), 0.0
         net.train()
-        for x, y in common.iterate_batches(data.images[train_idx], data.labels[train_idx], t.batch_size,
+        for x, y in common.iterate_batches(data.images[train_idx], targets[train_idx], t.batch_size,
                                            shuffle_rng, flip=True):
-            loss = F.cross_entropy(net(x.to(device)), y.to(device))
+            loss = loss_fn(net(x.to(device)), y.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             total += loss.item() * len(x)
-        val_accuracy = accuracy(net.cpu(), data.images[val_idx], data.labels[val_idx])
+        val_accuracy = accuracy(net.cpu(), data.images[val_idx], targets[val_idx])
         net.to(device)
         log(f"epoch {epoch} train_loss {total / len(train_idx):.4g} val_accuracy {val_accuracy:.4f} "
             f"time {time.perf_counter() - started:.1f}s")
     return net.cpu().eval(), val_accuracy
 
 
-def near_chance(val_accuracy, num_classes):
-    return val_accuracy <= 1 / num_classes + CHANCE_MARGIN
+def near_chance(val_accuracy, chance):
+    return val_accuracy <= chance + CHANCE_MARGIN
 
 
 def save_evaluator(net, data, val_accuracy, seed, path, epochs=None):
-    """Write the checkpoint, which records its validation accuracy, chance (1/K) and whether it is near it;
+    """Write the checkpoint, which records its validation accuracy, chance and whether it is near it;
     returns it."""
-    ckpt = {"kind": "genlab evaluator", "image_shape": list(net.image_shape), "class_names": list(data.class_names),
-            "width": net.width, "data": data.source, "seed": seed, "epochs": epochs, "val_accuracy": val_accuracy,
-            "chance": 1 / len(data.class_names), "near_chance": near_chance(val_accuracy, len(data.class_names)),
+    chance = chance_accuracy(data)
+    names = data.label_names if net.task == "labels" else data.class_names
+    ckpt = {"kind": "genlab evaluator", "task": net.task, "image_shape": list(net.image_shape),
+            "class_names": list(names), "width": net.width, "data": data.source, "seed": seed, "epochs": epochs,
+            "val_accuracy": val_accuracy, "chance": chance, "near_chance": near_chance(val_accuracy, chance),
             "state": net.state_dict()}
     common.save_checkpoint(ckpt, path)
     return ckpt
@@ -143,12 +176,13 @@ def save_evaluator(net, data, val_accuracy, seed, path, epochs=None):
 def chance_problem(ckpt, path):
     """None for an evaluator that beats chance, else what is wrong and the command that retrains it."""
     k, val_accuracy = len(ckpt["class_names"]), ckpt["val_accuracy"]
-    if not near_chance(val_accuracy, k):   # from the accuracy, so evaluators saved before the flag count too
+    chance = ckpt.get("chance", 1 / k)
+    if not near_chance(val_accuracy, chance):   # from the accuracy, so evaluators saved before the flag count too
         return None
     channels, size = ckpt["image_shape"][0], ckpt["image_shape"][1]
     longer = 2 * (ckpt.get("epochs") or Training().epochs)   # twice what it had (the default, if not recorded)
     return (f"the evaluator '{path}' has validation accuracy {val_accuracy:.3f} on {k} classes, at or below "
-            f"chance 1/{k} = {1 / k:.3f} + {CHANCE_MARGIN}: its features may barely depend on the image, so "
+            f"chance {chance:.3f} + {CHANCE_MARGIN}: its features may barely depend on the image, so "
             f"FD_eval can be near 0 even for noise; train it longer or on more images per class: "
             f"{train_command(ckpt['data'], size, channels, path, longer)}")
 
@@ -171,7 +205,7 @@ def load_evaluator(path, for_selection=False):
         raise UserError(f"refusing to choose Best by FD_eval: {problem}")
     if problem:
         warn(problem)
-    net = Evaluator(ckpt["image_shape"], len(ckpt["class_names"]), ckpt["width"])
+    net = Evaluator(ckpt["image_shape"], len(ckpt["class_names"]), ckpt["width"], ckpt.get("task", "class"))
     net.load_state_dict(ckpt["state"])
     return net.eval(), ckpt
 

@@ -15,6 +15,7 @@ Here: the metrics, the cached feature extractor, SampleQuality, the metric flags
     python fid.py vis/samples/ ./flowers                    # FID and KID between two image folders (or .npz statistics)
     python fid.py ./flowers --save-stats flowers_24.npz     # cache the reference statistics (pytorch-fid's mu/sigma)
     python fid.py train-evaluator --data ./flowers          # models/Evaluator_flowers_24.pth and its val accuracy
+    python fid.py train-segmenter --data objects --image-size 32   # the layout evaluator (segmenter.py)
     python fid.py vis/samples/ ./flowers --features evaluator
     python random_generation.py --model VAE --fid           # as many samples as validation images, FID and KID
     python train_script.py --model VAE --fid-every 5 --fid-samples 1000
@@ -25,7 +26,6 @@ then samples are generated for the real images' labels (class proportions matche
 reports their class accuracy. A model with `selects_by_sample_quality = True` (no meaningful
 validation loss, e.g. a GAN) has Best and early stopping chosen on the first metric of --fid-features.
 """
-import argparse
 import dataclasses
 import hashlib
 import math
@@ -46,6 +46,7 @@ from evaluator import (Evaluator, Training, accuracy, chance_problem, evaluator_
                        save_evaluator, train_evaluator, train_on_first_need, warn)
 from inception import (FID_WEIGHTS_NAME, FID_WEIGHTS_URL, fid_inception_v3, hub_weights_file,  # noqa: F401
                        inception_input, inception_weights, load_inception)
+from segmenter import mean_iou, read_layouts, save_segmenter, segmenter_on_first_need, segmenter_path, train_segmenter
 
 RELIABLE_N = 2048  # below this many images FID's bias in N dominates differences between models
 SAMPLE_BATCH = 250
@@ -227,25 +228,30 @@ def generate(model, n, generator, labels=None, batch_size=SAMPLE_BATCH, **sample
 class SampleQuality:
     """Metrics of a model's samples against fixed real images (the validation split), for any extractor.
 
-    Calling it generates `n_samples` images (labels drawn in the real images' class proportions for a
-    conditional model), from a generator seeded by `seed` so successive calls differ only by the weights.
+    Calling it generates `n_samples` images, for a conditional model with the real images' conditions (drawn in
+    their proportions), from a generator seeded by `seed`, so successive calls differ only by the weights.
+    With the evaluator, `accuracy_eval` is the accuracy of conditional samples (the class, or the labels of
+    multi-hot conditions); with a `segmenter`, layout-conditional samples get `miou_eval`, the mean IoU of the
+    layouts read off them, and `miou_real`, the same for the real images (the ceiling).
     """
 
-    def __init__(self, extractors, real_images, real_labels, n_samples=None, seed=0, sample_kwargs=None):
-        self.extractors, self.real_labels, self.seed = extractors, real_labels, seed
+    def __init__(self, extractors, real_images, real_labels, n_samples=None, seed=0, sample_kwargs=None,
+                 segmenter=None):
+        self.extractors, self.real_labels, self.seed, self.segmenter = extractors, real_labels, seed, segmenter
         self.n_samples = n_samples or len(real_images)
         require_two(len(real_images), "the real image set (the validation split)")   # before any features
         require_two(self.n_samples, "the generated set (--fid-samples)")
         self.sample_kwargs = sample_kwargs or {}
         self.real = [(e, e(real_images, desc=f"{e.kind} features of real images")) for e in extractors]
         self.metric = extractors[0].names[0]   # what Best is chosen on when the model selects by it
+        if segmenter is not None:
+            self.miou_real = mean_iou(read_layouts(segmenter, real_images), real_labels, segmenter.num_labels)
 
     def __call__(self, model, device="cpu"):
         was_training = model.training
         generator = torch.Generator(device).manual_seed(self.seed)
-        conditional = getattr(model, "conditional", False)
         labels = matched_labels(self.real_labels, self.n_samples, torch.Generator().manual_seed(self.seed))
-        fake = generate(model, self.n_samples, generator, labels.to(device) if conditional else None,
+        fake = generate(model, self.n_samples, generator, labels.to(device) if model.conditional else None,
                         **self.sample_kwargs).cpu()
         metrics = {}
         for extractor, real_features in self.real:
@@ -254,10 +260,25 @@ class SampleQuality:
             fd_name, kid_name = extractor.names
             metrics[fd_name] = frechet_distance(*statistics(fake_features), *statistics(real_features))
             metrics[kid_name], metrics[kid_name + "_std"] = kernel_inception_distance(fake_features, real_features)
-            if conditional and extractor.kind == "evaluator":
+            if model.condition in ("class", "labels") and extractor.kind == "evaluator":
                 metrics["accuracy_eval"] = accuracy(extractor.classifier, fake, labels)
+        if model.condition == "layout" and self.segmenter is not None:
+            metrics["miou_eval"] = mean_iou(read_layouts(self.segmenter, fake), labels, self.segmenter.num_labels)
+            metrics["miou_real"] = self.miou_real
         model.train(was_training)
         return metrics
+
+
+def sample_quality(args, data_name, image_size, dataset, real_images, real_labels, condition, device="cpu",
+                   models_dir="models", for_selection=False, n_samples=None, seed=0):
+    """SampleQuality with --fid-features' extractors (a missing evaluator trained first) and, for a
+    layout-conditional model, the layout evaluator (likewise)."""
+    extractors = extractors_from_args(args, data_name, image_size, device, models_dir, dataset, for_selection)
+    segmenter = None
+    if condition == "layout":
+        segmenter = segmenter_on_first_need(segmenter_path(data_name, image_size, models_dir), data_name, image_size,
+                                            dataset, device)
+    return SampleQuality(extractors, real_images, real_labels, n_samples, seed, segmenter=segmenter)
 
 
 def format_metrics(metrics):
@@ -317,8 +338,8 @@ def extractors_from_args(args, data, image_size, device="cpu", models_dir="model
 
 
 def compare(argv):
-    parser = argparse.ArgumentParser(prog="fid.py", description="FID and KID between two image folders or .npz "
-                                     "statistics; or `fid.py train-evaluator --help`", allow_abbrev=False)
+    parser = common.ArgumentParser(prog="fid.py", description="FID and KID between two image folders or .npz "
+                                   "statistics; or `fid.py train-evaluator --help`, `fid.py train-segmenter --help`")
     parser.add_argument("paths", nargs="+", help="two folders or .npz files; one folder with --save-stats")
     parser.add_argument("--save-stats", default=None,
                         help="write the one folder's mu and sigma to this .npz, pytorch-fid's format (default: none)")
@@ -367,21 +388,34 @@ def npz_statistics(path):
         return f["mu"], f["sigma"]
 
 
-def train_evaluator_cli(argv):
-    parser = argparse.ArgumentParser(prog="fid.py train-evaluator", description="Train the offline evaluator "
-                                     "(a small CNN classifier) on a dataset's own classes", allow_abbrev=False)
-    parser.add_argument("--data", default="shapes", help="a folder with one sub-folder per class, or 'shapes', the "
-                        "built-in dataset (default: %(default)s)")
-    parser.add_argument("--image-size", type=int, default=24,
+def add_data_flags(parser):
+    """The data flags of train-evaluator and train-segmenter: what train_script.py's --data flags read."""
+    parser.add_argument("--data", default="shapes", help="a folder with one sub-folder per class, or a built-in "
+                        "dataset, shapes or objects (default: %(default)s)")
+    parser.add_argument("--labels", default=None, help="a train.json of the folder's multi-hot labels (scenes.py)")
+    parser.add_argument("--label-names", default=None, help="the objects.json of --labels and --layouts")
+    parser.add_argument("--layouts", default=None, help="the folder's layouts: PNG maps or a boxes .json")
+    parser.add_argument("--image-size", type=common.checked(int, 4), default=24,
                         help="the size the generative models use (default: %(default)s)")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
                         help="1 for grey, 3 for RGB (default: 1 when every image is grey, else 3)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help=DEVICE_HELP)
+
+
+def load_cli_data(args):
+    return common.load_data(args.data, args.image_size, args.channels, labels=args.labels,
+                            label_names=args.label_names, layouts=args.layouts)
+
+
+def train_evaluator_cli(argv):
+    parser = common.ArgumentParser(prog="fid.py train-evaluator", description="Train the offline evaluator "
+                                   "(a small CNN classifier) on a dataset's own classes, or its labels")
+    add_data_flags(parser)
     common.add_config_flags(parser, Training, "training")
     parser.add_argument("--out", default=None, help="where to write it (default: models/Evaluator_<data>_<size>.pth, "
                         "where the metrics look for it)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help=DEVICE_HELP)
     args = parser.parse_args(argv)
-    data = common.load_data(args.data, args.image_size, args.channels)
+    data = load_cli_data(args)
     training = common.config_from_args(Training, args)
     started = time.perf_counter()
     net, val_accuracy = train_evaluator(data, common.pick_device(args.device), log=lambda line: print(line, flush=True),
@@ -389,17 +423,37 @@ def train_evaluator_cli(argv):
     out = Path(args.out or evaluator_path(args.data, args.image_size))
     ckpt = save_evaluator(net, data, val_accuracy, training.seed, out, training.epochs)
     n_val = len(common.split_indices(len(data.images), training.seed)[1])
-    print(f"wrote {out}: validation accuracy {val_accuracy:.4f} on {n_val} images, {len(data.class_names)} classes, "
-          f"{time.perf_counter() - started:.0f}s")
+    print(f"wrote {out}: validation accuracy {val_accuracy:.4f} on {n_val} images, {len(ckpt['class_names'])} "
+          f"{'labels' if net.task == 'labels' else 'classes'}, {time.perf_counter() - started:.0f}s")
     problem = chance_problem(ckpt, out)
     if problem:
         warn(problem)
+
+
+def train_segmenter_cli(argv):
+    parser = common.ArgumentParser(prog="fid.py train-segmenter", description="Train the layout evaluator (a small "
+                                   "per-pixel classifier) on a dataset's images and layouts")
+    add_data_flags(parser)
+    parser.add_argument("--epochs", type=common.checked(int, 1), default=15, help="passes over the train split "
+                        "(default: %(default)s)")
+    parser.add_argument("--out", default=None, help="where to write it (default: models/Segmenter_<data>_<size>.pth, "
+                        "where the metrics look for it)")
+    args = parser.parse_args(argv)
+    data = load_cli_data(args)
+    started = time.perf_counter()
+    net, val_iou = train_segmenter(data, args.epochs, device=common.pick_device(args.device),
+                                   log=lambda line: print(line, flush=True))
+    out = Path(args.out or segmenter_path(args.data, args.image_size))
+    save_segmenter(net, data, val_iou, out)
+    print(f"wrote {out}: validation mean IoU {val_iou:.4f}, {time.perf_counter() - started:.0f}s")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train-evaluator"]:
         train_evaluator_cli(argv[1:])
+    elif argv[:1] == ["train-segmenter"]:
+        train_segmenter_cli(argv[1:])
     else:
         compare(argv)
 

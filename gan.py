@@ -161,22 +161,22 @@ class Model(GenerativeModel):
     selects_by_sample_quality = True   # Best and early stopping follow FID / FD_eval, not a loss
     sample_options = ()
 
-    def __init__(self, config, image_shape, num_classes=1):
+    def __init__(self, config, image_shape, num_classes=1, condition="class"):
         super().__init__(config, image_shape)
         channels, height, width = image_shape
         if height != width:
             raise UserError(f"GAN needs square images, got {height}x{width}")
         if config.loss not in LOSSES:
             raise UserError(f"unknown --loss {config.loss}; choose {' or '.join(LOSSES)}")
+        if config.conditional and condition != "class":
+            raise UserError(f"the GAN conditions on one class per image, not on {condition}; drop --conditional, "
+                            "or pass --condition class")
         self.num_classes = num_classes if config.conditional and num_classes > 1 else 0
+        self.condition = "class" if self.num_classes else None
         self.generator = Generator(config, channels, height, self.num_classes)
         self.discriminator = Discriminator(config, channels, height, self.num_classes)
         self.init_ema("generator", config.ema_decay)   # sampling uses these weights, BatchNorm statistics included
         self.register_buffer("d_won_steps", torch.zeros((), dtype=torch.long))   # steps in a row that D won
-
-    @property
-    def conditional(self):
-        return self.num_classes > 0
 
     def parameter_groups(self):
         return {"discriminator": self.discriminator, "generator": self.generator}

@@ -114,13 +114,13 @@ def psnr(x_hat, x):
 
 
 class Autoencoder(GenerativeModel):
-    """Stage 1: q(z|x) with a spatial z, and the decoder D. It has no prior to sample from."""
+    """Stage 1: q(z|x) with a spatial z, and the decoder D. It has no prior to sample from, and no condition."""
 
     generates = False
     reconstructs = True
     preview = "reconstructions"
 
-    def __init__(self, config, image_shape, num_classes=1):
+    def __init__(self, config, image_shape):
         super().__init__(config, image_shape)
         channels, height, width = image_shape
         f = config.ae_downsample
@@ -197,13 +197,13 @@ class LatentDiffusion(ddpm.Model):
 
     reconstructs = True   # stage 1's reconstructions, in visualization.py; previews and samples are generated
 
-    def __init__(self, config, image_shape, num_classes=1):
+    def __init__(self, config, image_shape, num_classes=1, condition="class"):
         channels, height, width = image_shape
         f, factor = config.ae_downsample, 2 ** (len(config.channel_mults) - 1)
         if height % (f * factor) or width % (f * factor):
             raise UserError(f"--ae-downsample {f} and {len(config.channel_mults)} U-Net levels need an image size "
                             f"divisible by {f * factor}, got {height}x{width}; pass e.g. --image-size 32")
-        super().__init__(config, (config.latent_channels, height // f, width // f), num_classes)
+        super().__init__(config, (config.latent_channels, height // f, width // f), num_classes, condition)
         self.autoencoder = Autoencoder(config, image_shape).requires_grad_(False)   # frozen, not optimised
         self.register_buffer("latent_scale", torch.ones(()))                       # s = 1 / std(z), see prepare
         self.first_stage = {}   # which autoencoder: its checkpoint, fingerprint, data, epoch and PSNR
@@ -261,12 +261,13 @@ class LatentDiffusion(ddpm.Model):
         return self.autoencoder.decode(z.flatten(0, -4) / self.latent_scale).clamp(0, 1).unflatten(0, z.shape[:-3])
 
 
-def Model(config, image_shape, num_classes=1):
-    """The registry's constructor: the stage-1 Autoencoder or the stage-2 LatentDiffusion, by config.stage."""
+def Model(config, image_shape, num_classes=1, condition="class"):
+    """The registry's constructor: the stage-1 Autoencoder or the stage-2 LatentDiffusion, by config.stage.
+    Layouts stay at the image's size in the batches; the U-Net averages them down to the latent's."""
     if config.stage == "autoencoder":
-        return Autoencoder(config, image_shape, num_classes)
+        return Autoencoder(config, image_shape)
     if config.stage == "diffusion":
-        return LatentDiffusion(config, image_shape, num_classes)
+        return LatentDiffusion(config, image_shape, num_classes, condition)
     raise UserError(f"unknown --stage {config.stage}; choose autoencoder, diffusion or both")
 
 

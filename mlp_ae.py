@@ -49,7 +49,7 @@ class Autoencoder(GenerativeModel):
 
 
 class Model(Autoencoder):
-    def __init__(self, config, image_shape, num_classes=1):
+    def __init__(self, config, image_shape, num_classes=1, condition="class"):   # unconditional: both ignored
         super().__init__(config, image_shape)
         pixels = image_shape[0] * image_shape[1] * image_shape[2]
         self.encoder = nn.Sequential(

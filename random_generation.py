@@ -4,11 +4,15 @@ The model is rebuilt from its checkpoint alone (models/Best_<MODEL>.pth unless -
 For the autoencoders this is decoder(z) with z ~ N(0, I); a plain AE's codes were never shaped
 like N(0, I), which is why its samples are mostly noise and the VAE's are not.
 
+Conditional models draw for `--class-label`, for each label set of a test.json (`--labels`, one image per
+entry in the file's order, 8 a row) or for each layout map (`--layouts`); see scenes.py for the formats.
+
 `--fid` then measures the samples against the checkpoint's validation split (see fid.py): as many samples as
-validation images, class proportions matched for a conditional model, both sets quantised to uint8 and
-preprocessed alike; prints FID and KID (or FD_eval, KID_eval and the class accuracy of conditional samples with
-`--fid-features evaluator`). Without --fid-features it measures with the features the run was trained with
-(`auto` for the GAN: FID if the Inception weights are here, else the offline evaluator).
+validation images, for the validation images' conditions, both sets quantised to uint8 and preprocessed alike;
+prints FID and KID (or FD_eval, KID_eval and the accuracy of conditional samples with `--fid-features
+evaluator`). Without --fid-features it measures with the features the run was trained with (`auto` for the GAN:
+FID if the Inception weights are here, else the offline evaluator). With --labels it also prints the accuracy
+of the samples drawn for the file's label sets, and with --layouts their mean IoU (the evaluators of fid.py).
 """
 from pathlib import Path
 
@@ -17,7 +21,9 @@ from PIL import Image
 
 import common
 import fid
+import scenes
 from common import UserError
+from segmenter import mean_iou, read_layouts
 from train_script import MODELS, checkpoint_data, load_model
 
 
@@ -39,6 +45,10 @@ def main():
                    help="DDIM noise: 0 deterministic, 1 DDPM-like (default: the model's)")
     g.add_argument("--class-label", default=None,
                    help="a class name or index of the training data: every image of that class")
+    g.add_argument("--labels", default=None, help="a test.json (a list of label-name lists): one image per entry, "
+                   "for a model conditioned on labels")
+    g.add_argument("--layouts", default=None, help="a layout map (PNG) or a folder of them: one image per map, "
+                   "for a model conditioned on layouts")
     g.add_argument("--guidance", type=common.checked(float), default=None,
                    help="classifier-free guidance weight w; 1: the conditional model alone (default: 1)")
     parser.add_argument("--fid", action="store_true", help="also report FID and KID against the validation images "
@@ -57,11 +67,12 @@ def main():
     model.eval()
     options = sample_options(model, ckpt, args, device)
     common.output_dir(out.parent, "--out")
-    images = model.sample(args.n, torch.Generator(device).manual_seed(args.seed), **options)
+    n = len(options["labels"]) if "labels" in options else args.n
+    images = model.sample(n, torch.Generator(device).manual_seed(args.seed), **options)
     path = common.save_image_grid(images.cpu(), out)
     print(f"wrote {path}")
     if args.fid:
-        report_sample_quality(model, ckpt, args, device)
+        report_sample_quality(model, ckpt, args, device, images, options.get("labels"))
 
 
 def class_index(label, names):
@@ -81,24 +92,47 @@ def sample_options(model, ckpt, args, device):
         if key not in model.sample_options:
             raise UserError(f"--{key} does not apply to the {args.model} model; it takes "
                             + (", ".join(f"--{k}" for k in model.sample_options) or "no sampler options"))
-    if (args.class_label is not None or args.guidance is not None) and not model.conditional:
-        raise UserError(f"--class-label and --guidance need a class-conditional model; this {args.model} model is "
-                        "not (trained on one class, or unconditional)")
+    if args.guidance is not None and not model.conditional:
+        raise UserError(f"--guidance needs a conditional model; this {args.model} model is not (trained on one "
+                        "class, or unconditional)")
+    for flag, value, kind in (("--class-label", args.class_label, "class"), ("--labels", args.labels, "labels"),
+                              ("--layouts", args.layouts, "layout")):
+        if value is not None and model.condition != kind:
+            raise UserError(f"{flag} needs a model conditioned on {kind if kind != 'class' else 'classes'}; this "
+                            f"{args.model} model takes {model.condition or 'no condition'}")
+    names = list(ckpt["class_names"])
     if args.class_label is not None:
-        label = class_index(args.class_label, list(ckpt["class_names"]))
-        options["labels"] = torch.full((args.n,), label, dtype=torch.long, device=device)
+        options["labels"] = torch.full((args.n,), class_index(args.class_label, names), dtype=torch.long)
+    elif args.labels is not None:
+        options["labels"] = scenes.read_test_labels(args.labels, names)
+    elif args.layouts is not None:
+        options["labels"] = scenes.read_layout_maps(args.layouts, ckpt["image_shape"][1], len(names))
+    if "labels" in options:
+        options["labels"] = options["labels"].to(device)
     return options
 
 
-def report_sample_quality(model, ckpt, args, device):
-    """The checkpoint's own validation split is the reference: same data, size, channels and seed."""
+def report_sample_quality(model, ckpt, args, device, images, asked):
+    """The checkpoint's own validation split is the reference: same data, size, channels and seed. Samples drawn
+    for a file's labels or layouts (`asked`) are also scored against what was asked."""
     data_name, size = ckpt["train_args"]["data"], ckpt["image_shape"][1]
     args.fid_features = args.fid_features or ckpt["train_args"].get("fid_features", ["inception"])
     data, _, val_idx = checkpoint_data(ckpt)
-    quality = fid.SampleQuality(fid.extractors_from_args(args, data_name, size, device), data.images[val_idx],
-                                data.labels[val_idx], seed=args.seed)
+    conditions = data.conditions(model.condition or "class")[0]
+    quality = fid.sample_quality(args, data_name, size, data, data.images[val_idx], conditions[val_idx],
+                                 model.condition, device, seed=args.seed)
     print(f"{fid.format_metrics(quality(model, device))} ({len(val_idx)} samples vs the {len(val_idx)} "
           f"validation images of {data_name} at {size}x{size})")
+    fake = fid.quantize(images)
+    if args.labels is not None:
+        evaluators = [e for e, _ in quality.real if e.kind == "evaluator"]
+        if evaluators:
+            score = fid.accuracy(evaluators[0].classifier, fake, asked.cpu())
+            print(f"accuracy_eval {score:.4f} on the {len(fake)} label sets of {args.labels}")
+    if args.layouts is not None:
+        miou = mean_iou(read_layouts(quality.segmenter, fake), asked.cpu(), quality.segmenter.num_labels)
+        print(f"miou_eval {miou:.4f} on the {len(fake)} layouts of {args.layouts} (real validation images: "
+              f"{quality.miou_real:.4f})")
 
 
 if __name__ == "__main__":

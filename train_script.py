@@ -28,6 +28,7 @@ import latent_diffusion
 import mlp_ae
 import vae
 from common import TrainingDiverged, UserError, checked
+from unet import CONDITIONS
 
 MODELS = {
     "MLPAE": mlp_ae,
@@ -56,8 +57,17 @@ def build_parser(model_name=None, add_help=True):
     module = MODELS[model_name]
     d = {**COMMON_DEFAULTS, **module.TRAIN_DEFAULTS}
     g = parser.add_argument_group("data")
-    g.add_argument("--data", default="shapes", help="a folder of images (class sub-folders give labels) or 'shapes', "
-                   "the built-in dataset (default: shapes)")
+    g.add_argument("--data", default="shapes", help="a folder of images (class sub-folders give classes), or a "
+                   "built-in dataset: shapes (one shape, 9 classes) or objects (1-3 of 24 labels, with layouts) "
+                   "(default: shapes)")
+    g.add_argument("--labels", default=None, help="a train.json (image file -> list of label names) giving each "
+                   "image of the --data folder a set of labels; needs --label-names (see scenes.py)")
+    g.add_argument("--label-names", default=None, help="an objects.json (label name -> index)")
+    g.add_argument("--layouts", default=None, help="the images' layouts: a folder of PNG maps (1 + label index per "
+                   "pixel, 0 background) named as the images, or a boxes .json; needs --label-names")
+    g.add_argument("--condition", default="auto", choices=("auto", "none", *CONDITIONS),
+                   help="what conditional models condition on: class, labels (multi-hot) or layout; auto: labels when "
+                        "the data has them, else the class when there are several (default: auto)")
     g.add_argument("--image-size", type=checked(int, 4), default=24, help="images are resized to this square size "
                    "(default: 24)")
     g.add_argument("--channels", type=int, choices=(1, 3), default=None,
@@ -123,8 +133,15 @@ def parse_args(argv=None):
     return args
 
 
-def build_model(name, config, image_shape, num_classes):
-    return MODELS[name].Model(config, tuple(image_shape), num_classes)
+def build_model(name, config, image_shape, num_classes, condition="class"):
+    return MODELS[name].Model(config, tuple(image_shape), num_classes, condition)
+
+
+def resolve_condition(requested, data):
+    """--condition auto: the data's labels when it has them, else its classes; 'none' is no condition."""
+    if requested == "auto":
+        return "labels" if data.multilabels is not None else "class"
+    return None if requested == "none" else requested
 
 
 CHECKPOINT_KEYS = ("model", "config", "train_args", "image_shape", "class_names", "model_state")
@@ -142,7 +159,9 @@ def load_model(path, expected_model=None, device="cpu"):
     if expected_model is not None and name != expected_model:
         raise UserError(f"'{path}' holds a {name} model, not {expected_model}; pass --model {name} or another checkpoint")
     config = common.config_from_dict(MODELS[name].Config, ckpt["config"])
-    model = build_model(name, config, ckpt["image_shape"], len(ckpt["class_names"]))
+    condition = ckpt.get("condition", "class")
+    model = build_model(name, config, ckpt["image_shape"], len(ckpt["class_names"]) if condition else 0,
+                        condition or "class")
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as err:
@@ -153,9 +172,10 @@ def load_model(path, expected_model=None, device="cpu"):
 def checkpoint_data(ckpt, data=None):
     """The data a checkpoint was trained on (or `data` instead) at its image shape, and its split.
     Returns (ImageData, train indices, validation indices)."""
-    channels, size = ckpt["image_shape"][0], ckpt["image_shape"][1]
-    images = common.load_data(data or ckpt["train_args"]["data"], size, channels)
-    return (images, *common.split_indices(len(images.images), ckpt["train_args"]["seed"]))
+    channels, size, saved = ckpt["image_shape"][0], ckpt["image_shape"][1], ckpt["train_args"]
+    images = common.load_data(data or saved["data"], size, channels, labels=saved.get("labels"),
+                              label_names=saved.get("label_names"), layouts=saved.get("layouts"))
+    return (images, *common.split_indices(len(images.images), saved["seed"]))
 
 
 def make_optimizer(module, args):
@@ -217,14 +237,17 @@ def tensorboard_scalars(record):
             yield ("lr" if k == "lr" else f"samples/{k}"), v
 
 
-def checkpoint_state(args, model, optimizers, schedulers, data, epoch, best, bad_validations, history, shuffle_rng):
+def checkpoint_state(args, model, optimizers, schedulers, data, condition, names, epoch, best, bad_validations, history,
+                     shuffle_rng):
+    """Everything to rebuild the model (its condition, and the names of its classes or labels) and to resume."""
     config_fields = {f.name for f in dataclasses.fields(model.config)}
     return {
         "model": args.model,
         "config": dataclasses.asdict(model.config),
         "train_args": {k: v for k, v in vars(args).items() if k not in config_fields},
         "image_shape": list(data.image_shape),
-        "class_names": list(data.class_names),
+        "condition": condition,
+        "class_names": list(names),
         "data": data.source,
         "data_fingerprint": data.fingerprint,
         "model_state": model.state_dict(),
@@ -309,17 +332,23 @@ def train_run(args, argv):
     # Data: decoded once, in memory; the 80/20 split is fixed by --seed.
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
-    data = common.load_data(args.data, args.image_size, args.channels)
+    data = common.load_data(args.data, args.image_size, args.channels, labels=args.labels,
+                            label_names=args.label_names, layouts=args.layouts)
     if ckpt is not None and ckpt.get("data_fingerprint", data.fingerprint) != data.fingerprint:
         raise UserError(f"the data in '{args.data}' changed since '{last_path}' was saved (other images or classes); "
                         "resume with the same data, or start a new run with another --run-name")
+    condition = resolve_condition(args.condition, data)
+    conditions, names = data.conditions(condition or "class")   # y of each image: class, labels or layout
     train_idx, val_idx = common.split_indices(len(data.images), args.seed)
-    train_images, train_labels = data.images[train_idx], data.labels[train_idx]
-    val_images, val_labels = data.images[val_idx], data.labels[val_idx]
+    train_images, train_labels = data.images[train_idx], conditions[train_idx]
+    val_images, val_labels = data.images[val_idx], conditions[val_idx]
 
     # The model, one optimiser and lr schedule per parameter group, and the state to resume.
     model = build_model(args.model, common.config_from_args(module.Config, args), data.image_shape,
-                        len(data.class_names)).to(device)
+                        len(names) if condition else 0, condition or "class").to(device)
+    if args.condition != "auto" and model.generates and model.condition != condition:   # a first stage has none
+        raise UserError(f"the {args.model} model does not take --condition {args.condition} (it takes "
+                        f"{model.condition or 'no condition'} here); pass another --condition or drop it")
     groups = model.parameter_groups()
     optimizers = contract.Optimizers({name: make_optimizer(m, args) for name, m in groups.items()}, groups,
                                      args.grad_clip, args.grad_accum)
@@ -342,9 +371,9 @@ def train_run(args, argv):
     # Sample quality (FID/KID or FD_eval), and what Best is chosen on.
     quality = None
     if args.fid_every > 0:
-        extractors = fid.extractors_from_args(args, args.data, args.image_size, device, args.models_dir,
-                                              dataset=data, for_selection=model.selects_by_sample_quality)
-        quality = fid.SampleQuality(extractors, val_images, val_labels, args.fid_samples, args.seed)
+        quality = fid.sample_quality(args, args.data, args.image_size, data, val_images, val_labels, model.condition,
+                                     device, args.models_dir, model.selects_by_sample_quality, args.fid_samples,
+                                     args.seed)
     by_quality = quality is not None and model.selects_by_sample_quality
     if model.selects_by_sample_quality and not by_quality:
         print(f"# note: {args.model} has no meaningful val_loss; pass --fid-every N to choose Best by sample quality",
@@ -353,7 +382,8 @@ def train_run(args, argv):
 
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)   # not frozen copies (EMA)
     print(f"# {args.model} on {data.source}: {len(train_idx)} train / {len(val_idx)} val images of "
-          f"{'x'.join(map(str, data.image_shape))}, {len(data.class_names)} classes, {n_params:,} parameters, {device}, "
+          f"{'x'.join(map(str, data.image_shape))}, condition {model.condition} ({len(names)} "
+          f"{'classes' if condition in (None, 'class') else 'labels'}), {n_params:,} parameters, {device}, "
           f"epochs {start_epoch}-{args.epochs}" + (f" (resumed from {last_path})" if ckpt is not None else ""),
           flush=True)
     writer = common.tensorboard_writer(log_dir)
@@ -361,8 +391,8 @@ def train_run(args, argv):
     fixed_preview = common.to_float(val_images[:8])
 
     def save(path, epoch):
-        common.save_checkpoint(checkpoint_state(args, model, optimizers, schedulers, data, epoch, best,
-                                                bad_validations, history, shuffle_rng), path)
+        common.save_checkpoint(checkpoint_state(args, model, optimizers, schedulers, data, condition, names, epoch,
+                                                best, bad_validations, history, shuffle_rng), path)
 
     completed = start_epoch - 1
     try:

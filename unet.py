@@ -3,8 +3,15 @@ residual blocks with a time embedding, self-attention at chosen resolutions, ski
 same level up. It knows nothing of diffusion: it maps (x, t, y) to a tensor of x's size (or `out_channels`),
 and the model file that imports it (ddpm.py, flow_matching.py) says what t means and what the output predicts.
 
-Class conditioning with classifier-free guidance (Ho & Salimans 2021) is here too, as it is network-side:
-labels join the time embedding, label K is the null label, and `guided` mixes the two predictions.
+Conditioning with classifier-free guidance (Ho & Salimans 2021) is here too, as it is network-side. A condition
+y is one of three kinds (CONDITIONS), each with a null value that stands for "no condition":
+    class    (B,) indices in 0 .. K-1, embedded and added to the time embedding; null: K
+    labels   (B, K) multi-hot vectors (a set of labels per image), a linear map added to the time embedding;
+             null: all zeros
+    layout   (B, H, W) maps, value 1 + the label at each pixel (0: background), one-hot (K + 1 channels)
+             concatenated to the input, averaged down to the input's size (a latent); null: -1, all-zero channels
+Training drops the condition to null with some probability (`drop_condition`), and `guided` mixes the two
+predictions at sampling time.
 """
 import math
 from dataclasses import dataclass
@@ -83,18 +90,24 @@ class Attention(nn.Module):
 class UNet(nn.Module):
     """net(x, t, y): levels of ResBlocks (+ attention) going down, a middle, and back up with skips.
 
-    x (B, in_channels, H, W), t (B,) of any scale (integer steps or 1000 t), y (B,) labels in 0 .. K (K: null)
-    -> (B, out_channels, H, W). The last convolution starts at zero, so an untrained net outputs 0."""
+    x (B, in_channels, H, W), t (B,) of any scale (integer steps or 1000 t), y a condition of kind `condition`
+    over `num_classes` classes or labels (none when num_classes is 0) -> (B, out_channels, H, W). The last
+    convolution starts at zero, so an untrained net outputs 0."""
 
-    def __init__(self, config, in_channels, out_channels=None, num_classes=0):
+    def __init__(self, config, in_channels, out_channels=None, num_classes=0, condition="class"):
         super().__init__()
         width, emb_dim = config.width, 4 * config.width
         self.register_buffer("freqs", torch.exp(-math.log(10000) * torch.arange(width // 2) / (width // 2)),
                              persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        # labels 0 .. K-1 and K, the null label of classifier-free guidance
-        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
-        self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.condition, self.num_classes = (condition if num_classes else None), num_classes
+        self.label_emb = None
+        if self.condition == "class":    # classes 0 .. K-1 and K, the null class of classifier-free guidance
+            self.label_emb = nn.Embedding(num_classes + 1, emb_dim)
+        elif self.condition == "labels":  # sum of the present labels' vectors; none present (null): 0
+            self.label_emb = nn.Linear(num_classes, emb_dim, bias=False)
+        layout_channels = num_classes + 1 if self.condition == "layout" else 0
+        self.stem = nn.Conv2d(in_channels + layout_channels, width, 3, padding=1)
         levels = [width * m for m in config.channel_mults]
         self.down, skips, c = nn.ModuleList(), [width], width
         for i, c_out in enumerate(levels):
@@ -125,8 +138,12 @@ class UNet(nn.Module):
 
     def forward(self, x, t, y=None):
         emb = self.time_mlp(timestep_embedding(t, self.freqs))                   # (B, 4 width)
-        if self.label_emb is not None:
-            emb = emb + self.label_emb(y)                                        # the label joins the time embedding
+        if self.condition == "class":
+            emb = emb + self.label_emb(y)                                        # the class joins the time embedding
+        elif self.condition == "labels":
+            emb = emb + self.label_emb(y.float())                                # (B, K) -> (B, 4 width)
+        elif self.condition == "layout":
+            x = torch.cat([x, layout_channels(y, self.num_classes, x.shape[-2:])], dim=1)   # (B, C + K + 1, H, W)
         # channels_last (N, H, W, C in memory): oneDNN's CPU convolutions run faster in this layout
         h = self.stem(x.contiguous(memory_format=torch.channels_last))
         skips = [h]
@@ -148,19 +165,43 @@ class UNet(nn.Module):
         return h
 
 
-def drop_labels(y, num_classes, probability, generator=None):
-    """Classifier-free guidance's training: each label becomes the null label K with `probability`."""
+CONDITIONS = ("class", "labels", "layout")
+
+
+def layout_channels(layout, num_labels, size):
+    """(B, H, W) maps of 1 + label (0: background, -1: null) -> (B, K + 1, h, w) one-hot, averaged over each
+    cell when (h, w) is smaller than (H, W): the share of each label in the cell."""
+    one_hot = F.one_hot(layout.long().clamp(min=0), num_labels + 1) * (layout >= 0)[..., None]   # (B, H, W, K+1)
+    channels = one_hot.permute(0, 3, 1, 2).float()                                              # (B, K+1, H, W)
+    return channels if channels.shape[-2:] == tuple(size) else F.adaptive_avg_pool2d(channels, size)
+
+
+def as_condition(y, kind):
+    """A batch of conditions as the network takes them: labels as floats, classes and layouts as integers (layouts
+    arrive as uint8, which has no room for the null value -1)."""
+    return y.float() if kind == "labels" else y.long()
+
+
+def null_condition(y, kind, num_classes):
+    """The condition that stands for none: class K, no labels (zeros), an empty layout (-1)."""
+    if kind == "class":
+        return torch.full_like(y, num_classes)
+    return torch.zeros_like(y) if kind == "labels" else torch.full_like(y, -1)
+
+
+def drop_condition(y, kind, num_classes, probability, generator=None):
+    """Classifier-free guidance's training: each image's condition becomes the null one with `probability`."""
     drop = torch.rand(len(y), generator=generator, device=y.device) < probability
-    return torch.where(drop, num_classes, y)
+    return torch.where(drop.view(-1, *[1] * (y.dim() - 1)), null_condition(y, kind, num_classes), y)
 
 
-def guided(net, x, t, y, num_classes, guidance):
-    """Classifier-free guidance: out = out_u + w (out_c - out_u), out_u with the null label K; w = 1 is the
-    conditional prediction alone, w = 0 the unconditional one. Without classes (y None): net(x, t)."""
+def guided(net, x, t, y, guidance):
+    """Classifier-free guidance: out = out_u + w (out_c - out_u), out_u with the null condition; w = 1 is the
+    conditional prediction alone, w = 0 the unconditional one. Without a condition (y None): net(x, t)."""
     if y is None:
         return net(x, t)
     if guidance == 1:
         return net(x, t, y)
-    null = torch.full_like(y, num_classes)
+    null = null_condition(y, net.condition, net.num_classes)
     out_c, out_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
     return out_u + guidance * (out_c - out_u)

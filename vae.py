@@ -38,7 +38,7 @@ class Model(GenerativeModel):
     reconstructs = True
     preview = "reconstructions"
 
-    def __init__(self, config, image_shape, num_classes=1):
+    def __init__(self, config, image_shape, num_classes=1, condition="class"):   # unconditional: both ignored
         super().__init__(config, image_shape)
         channels, height, width = image_shape
         if height % 4 or width % 4:

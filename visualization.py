@@ -41,9 +41,10 @@ def save_reconstructions(model, images, path, device):
 
 
 @torch.no_grad()
-def save_denoising(model, n, path, device, seed=0, frames=10):
-    """model.denoising_process gives (frames, n, C, H, W); row i shows sample i from x_T to x_0."""
-    steps = model.denoising_process(n, torch.Generator(device).manual_seed(seed), frames)
+def save_denoising(model, n, path, device, seed=0, frames=10, labels=None):
+    """model.denoising_process gives (frames, n, C, H, W); row i shows sample i from x_T to x_0 (drawn for the
+    condition labels[i], if given)."""
+    steps = model.denoising_process(n, torch.Generator(device).manual_seed(seed), frames, labels)
     rows = steps.transpose(0, 1).reshape(-1, *steps.shape[2:])                   # (n * frames, C, H, W)
     common.save_image_grid(rows.cpu(), path, nrow=frames)
 
@@ -72,7 +73,12 @@ def main():
             written.append(path)
     if model.denoises:
         path = out / f"denoising_{args.model}.png"
-        save_denoising(model, min(args.n, 8), path, device)
+        n, labels = min(args.n, 8), None
+        if model.condition in ("labels", "layout"):   # the validation images' labels or layouts, one a row
+            data, _, val_idx = checkpoint_data(ckpt)
+            labels = data.conditions(model.condition)[0][val_idx[:n]].to(device)
+            n = len(labels)
+        save_denoising(model, n, path, device, labels=labels)
         written.append(path)
     if ckpt["history"]:
         path = out / f"loss_{args.model}.png"

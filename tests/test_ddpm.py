@@ -141,14 +141,14 @@ def test_guidance_zero_is_the_unconditional_prediction_and_one_the_conditional()
     x, t, y = torch.randn(5, 3, 8, 8), torch.randint(0, 20, (5,)), torch.tensor([0, 1, 2, 0, 1])
     null = torch.full((5,), 3)
     with torch.no_grad():
-        assert torch.allclose(guided(model.ema, x, t, y, 3, 0.0), model.ema(x, t, null), atol=1e-5)
-        assert torch.allclose(guided(model.ema, x, t, y, 3, 1.0), model.ema(x, t, y), atol=1e-5)
+        assert torch.allclose(guided(model.ema, x, t, y, 0.0), model.ema(x, t, null), atol=1e-5)
+        assert torch.allclose(guided(model.ema, x, t, y, 1.0), model.ema(x, t, y), atol=1e-5)
         cond, uncond = model.ema(x, t, y), model.ema(x, t, null)
-        assert torch.allclose(guided(model.ema, x, t, y, 3, 3.0), uncond + 3 * (cond - uncond), atol=1e-4)
+        assert torch.allclose(guided(model.ema, x, t, y, 3.0), uncond + 3 * (cond - uncond), atol=1e-4)
     assert not build(num_classes=3, unconditional=True).conditional and not build(num_classes=1).conditional
     with pytest.raises(UserError, match="unconditional"):
         build(num_classes=1).sample(2, labels=torch.zeros(2, dtype=torch.long))
-    with pytest.raises(UserError, match="--guidance needs a class-conditional model"):
+    with pytest.raises(UserError, match="--guidance needs a conditional model"):
         build(num_classes=1).sample(2, guidance=3.0)
 
 

@@ -82,7 +82,7 @@ def test_evaluator_needs_classes(tmp_path):
 
 class ConditionalFake(nn.Module):
     """A 'model' that draws real images of the asked class: the conditional sampling contract."""
-    conditional = True
+    condition, conditional = "class", True
 
     def __init__(self, data):
         super().__init__()
@@ -136,7 +136,7 @@ def test_train_evaluator_warns_at_chance_and_the_checkpoint_records_it(evaluator
     assert ckpt["near_chance"] is True and ckpt["chance"] == pytest.approx(1 / 3) and ckpt["epochs"] == 2
     warning = [line for line in printed.err.splitlines() if line.startswith("warning: ")]
     assert len(warning) == 1 and f"{ckpt['val_accuracy']:.3f} on 3 classes" in warning[0]
-    assert "chance 1/3 = 0.333" in warning[0] and "--epochs 4" in warning[0]
+    assert "chance 0.333 + 0.05" in warning[0] and "--epochs 4" in warning[0]
     assert "validation accuracy" in printed.out
 
 

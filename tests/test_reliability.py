@@ -183,7 +183,7 @@ def test_sampling_flags_that_do_not_apply_are_errors(tmp_path):
                         "--batch-size", "256", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for flags, words in [(["--guidance", "3"], "--guidance does not apply to the VAE model"),
-                         (["--class-label", "0"], "need a class-conditional model"),
+                         (["--class-label", "0"], "--class-label needs a model conditioned on classes"),
                          (["--steps", "5"], "--steps does not apply to the VAE model"),
                          (["--out", "vis/x.txt"], "no picture extension")]:
         result = run_script("random_generation.py", "--model", "VAE", *flags, cwd=tmp_path)
