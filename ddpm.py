@@ -47,8 +47,8 @@ class Config(UNetConfig):   # the U-Net's flags, and these
     label_dropout: float = option(0.1, "probability of the null condition in training (classifier-free guidance)",
                                   low=0, high=1)
     v_prediction: bool = option(False, "predict v = sqrt(ab) eps - sqrt(1-ab) x_0 (Salimans & Ho 2022)")
-    min_snr_gamma: float = option(0.0, "weight the loss by min(SNR, gamma)/SNR (Hang et al. 2023, gamma 5); 0: off",
-                                  low=0)
+    min_snr_gamma: float = option(5.0, "weight the loss by min(SNR, gamma)/SNR (Hang et al. 2023); 0: off, the plain "
+                                       "eps-MSE of Ho et al. (docs/results.md compares them)", low=0)
 
 
 def beta_schedule(name, T):

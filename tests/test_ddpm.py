@@ -119,8 +119,8 @@ def test_a_tiny_model_overfits_one_batch(options, factor):
 @pytest.mark.parametrize("v_prediction", [False, True])
 def test_min_snr_weighting_is_min_snr_gamma_over_snr(v_prediction):
     """Hang et al. 2023: w_t = min(SNR_t, gamma) / SNR_t for eps, / (SNR_t + 1) for v; same t and noise."""
-    plain, weighted = build(timesteps=100, v_prediction=v_prediction), build(timesteps=100, v_prediction=v_prediction,
-                                                                             min_snr_gamma=5.0)
+    plain = build(timesteps=100, v_prediction=v_prediction, min_snr_gamma=0.0)
+    weighted = build(timesteps=100, v_prediction=v_prediction, min_snr_gamma=5.0)
     x = torch.rand(6, 3, 8, 8)
     per_image = []
     for i in range(6):   # one image at a time gives the per-image mse of the unweighted loss
