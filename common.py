@@ -399,7 +399,7 @@ def load_data(data, image_size=24, channels=None, cache_dir=DEFAULT_CACHE_DIR, l
 
 
 def split_indices(n, seed=0, train_fraction=0.8):
-    """The NN Lab split: `torch.manual_seed(seed)` then `random_split(ds, [int(0.8 n), n - int(0.8 n)])`.
+    """The usual notebook split: `torch.manual_seed(seed)` then `random_split(ds, [int(0.8 n), n - int(0.8 n)])`.
 
     random_split draws `randperm(n)` from the default generator; a fresh generator with the same
     seed draws the same permutation, without touching the global RNG.

@@ -7,7 +7,6 @@ Writes, from models/Best_<MODEL>.pth alone:
                                                 x_T on the left to x_0 on the right
 What a model can show comes from its capabilities (contract.py): `reconstructs`, `denoises`.
 """
-from pathlib import Path
 
 import matplotlib
 

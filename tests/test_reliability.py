@@ -35,7 +35,7 @@ def test_a_new_run_never_replaces_an_existing_one(tmp_path, tiny_data, capsys):
     with pytest.raises(UserError) as err:
         train(tmp_path, tiny_data, "--model", "MLPAE", "--epochs", "1")
     message = str(err.value)
-    assert f"run 'MLPAE' already exists" in message and f"epoch 2, best {best:.6g}" in message
+    assert "run 'MLPAE' already exists" in message and f"epoch 2, best {best:.6g}" in message
     for way in ("--resume", "--run-name NEW", "--overwrite"):
         assert way in message
     assert files(tmp_path / "models") == saved                              # nothing touched

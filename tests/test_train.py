@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import common
 import train_script
 from common import UserError
 from conftest import write_image_folder
