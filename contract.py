@@ -15,6 +15,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from common import UserError
+
 
 class GenerativeModel(nn.Module):
     """Base class of every model. Subclasses set the capabilities that differ and implement `loss` and `sample`.
@@ -59,6 +61,11 @@ class GenerativeModel(nn.Module):
         """(frames, n, C, H, W) in [0, 1]: the sampler's states from pure noise to the sample."""
         raise NotImplementedError(f"{type(self).__name__} has no denoising process")
 
+    def validation_metrics(self, images, labels):
+        """Numbers about the whole validation set beyond the mean loss terms, once per validation: {name: float}
+        (diffusion: bits per dimension). images: (N, C, H, W) in [0, 1] on the model's device."""
+        return {}
+
     def prepare(self, data, train_images):
         """Called once before the first epoch of a new run (not on --resume): e.g. load a frozen first stage."""
 
@@ -75,6 +82,13 @@ class GenerativeModel(nn.Module):
         return terms
 
     # -- shared mechanics ------------------------------------------------------------------------------------
+    def check_sampling(self, labels, guidance):
+        """Conditions and guidance are for conditional models: one line naming the fix otherwise."""
+        if labels is not None and not self.conditional:
+            raise UserError("this model is unconditional (one class, or --unconditional); drop --class-label")
+        if guidance != 1 and not self.conditional:
+            raise UserError("--guidance needs a conditional model; this one is unconditional")
+
     def init_ema(self, network_name, decay):
         """Keep `self.ema`, an exponential moving average of the sub-network `network_name`, for sampling."""
         self.ema = copy.deepcopy(getattr(self, network_name)).requires_grad_(False)
@@ -89,8 +103,8 @@ class GenerativeModel(nn.Module):
             return
         n = self.ema_updates.item()
         decay = min(self._ema_decay, (1 + n) / (10 + n))
-        pairs = [(e, w) for e, w in zip(self.ema.state_dict().values(), getattr(self, self._ema_of).state_dict().values())
-                 if e.is_floating_point()]
+        online = getattr(self, self._ema_of).state_dict().values()
+        pairs = [(e, w) for e, w in zip(self.ema.state_dict().values(), online) if e.is_floating_point()]
         torch._foreach_lerp_([e for e, _ in pairs], [w for _, w in pairs], 1 - decay)
         self.ema_updates += 1
 
@@ -104,9 +118,10 @@ class Optimizers:
     """What `train_step` steps with: one optimiser per parameter group, and the mechanics shared by every model.
 
     `step(name, loss_fn, *batch)` zeroes the group's gradients, runs `loss_fn` on `accumulation` micro-batches
-    of `batch` (tensors split along dim 0; None passed as it is), backpropagates each term's share of the batch mean, clips the gradient norm
-    (`grad_clip` > 0) and takes one optimiser step. The batch's gradient is that of the whole batch: each
-    micro-batch's mean loss is weighted by its share of the batch (exact for losses that are means over images).
+    of `batch` (tensors split along dim 0; None passed as it is), backpropagates each term's share of the batch
+    mean, clips the gradient norm (`grad_clip` > 0) and takes one optimiser step. The gradient is that of the
+    whole batch: each micro-batch's mean loss is weighted by its share of the batch (exact for losses that are
+    means over images).
     """
 
     def __init__(self, optimizers, modules, grad_clip=0.0, accumulation=1):

@@ -1,6 +1,7 @@
 """Denoising diffusion (Ho et al. 2020, "Denoising Diffusion Probabilistic Models") with DDIM (Song et al. 2021,
-"Denoising Diffusion Implicit Models") and DPM-Solver++ (Lu et al. 2022) sampling, EMA weights and class
-conditioning with classifier-free guidance (Ho & Salimans 2021).
+"Denoising Diffusion Implicit Models") and DPM-Solver++ (Lu et al. 2022) sampling, EMA weights, conditions with
+classifier-free guidance (Ho & Salimans 2021), and improved DDPM's learned variance and loss-aware sampling of t
+(Nichol & Dhariwal 2021) as options; validation reports the variational bound in bits per dimension.
 
 Forward process: q(x_t|x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I), ab_t = prod_{s<=t} (1 - b_s), images scaled
 to [-1, 1]. unet.UNet eps_theta(x_t, t, y) learns the added noise (Algorithm 1); sampling walks back from
@@ -15,16 +16,16 @@ the paper's t = 1 .. T.
     python visualization.py --model diffusion                           # vis/denoising_diffusion.png
 """
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
+import iddpm
 import samplers
 from common import UserError, option
 from contract import GenerativeModel
-from unet import CONDITIONS, UNet, UNetConfig, as_condition, check_size, drop_condition, guided, null_condition
+from unet import (UNet, UNetConfig, as_condition, check_size, condition_for, drop_condition, guided,
+                  sampling_condition)
 
 TRAIN_DEFAULTS = dict(epochs=35, lr=6e-4, batch_size=32, lr_decay=0.5, lr_decay_every=15, patience=10, flip=True,
                       grad_clip=1.0)
@@ -33,6 +34,8 @@ DEFAULT_STEPS = {"ddim": 50, "dpmpp": 20, "ddpm": None}
 # DDIM's default noise: eta = 1, fresh noise in each step, which corrects the errors of earlier steps (Karras et al.
 # 2022, Sec. 4); eta = 0 is the deterministic sampler. docs/results.md compares the two.
 DDIM_ETA = 1.0
+HYBRID_LAMBDA = 0.001   # L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, Sec. 3.1)
+BPD_IMAGES, BPD_STEPS = 64, 20   # val_bpd: on this many validation images, at this many fixed steps (see bpd)
 
 
 @dataclass
@@ -47,6 +50,10 @@ class Config(UNetConfig):   # the U-Net's flags, and these
     label_dropout: float = option(0.1, "probability of the null condition in training (classifier-free guidance)",
                                   low=0, high=1)
     v_prediction: bool = option(False, "predict v = sqrt(ab) eps - sqrt(1-ab) x_0 (Salimans & Ho 2022)")
+    learn_sigma: bool = option(False, "also learn the variance, Sigma = exp(v log b_t + (1 - v) log b~_t), with the "
+                                      "hybrid loss L_simple + 0.001 L_vlb (Nichol & Dhariwal 2021)")
+    timestep_sampler: str = option("uniform", "how training draws t: uniform, or loss-aware importance sampling "
+                                              "(Nichol & Dhariwal 2021)", choices=("uniform", "loss-aware"))
     min_snr_gamma: float = option(5.0, "weight the loss by min(SNR, gamma)/SNR (Hang et al. 2023); 0: off, the plain "
                                        "eps-MSE of Ho et al. (docs/results.md compares them)", low=0)
 
@@ -74,15 +81,16 @@ class Model(GenerativeModel):
     def __init__(self, config, image_shape, num_classes=1, condition="class"):
         super().__init__(config, image_shape)
         check_size(config, *self.image_shape[1:])
-        if condition not in CONDITIONS:
-            raise UserError(f"unknown condition {condition}; choose {', '.join(CONDITIONS)}")
         # num_classes: the classes, or the label names of multi-hot labels and layouts
-        self.num_classes = 0 if config.unconditional or (condition == "class" and num_classes < 2) else num_classes
-        self.condition = condition if self.num_classes else None
+        self.num_classes, self.condition = condition_for(condition, num_classes, config.unconditional)
         channels = self.image_shape[0]
         # channels_last (N, H, W, C in memory): the layout oneDNN's CPU convolutions run fastest in
-        self.unet = UNet(config, channels, channels, self.num_classes, condition).to(memory_format=torch.channels_last)
+        out_channels = 2 * channels if config.learn_sigma else channels   # eps, and v of the learned variance
+        self.unet = UNet(config, channels, out_channels, self.num_classes, condition).to(
+            memory_format=torch.channels_last)
         self.init_ema("unet", config.ema_decay)   # sampling and validation use these weights
+        if config.timestep_sampler == "loss-aware":
+            self.timestep_sampler = iddpm.LossAwareSampler(config.timesteps)
 
         b = beta_schedule(config.schedule, config.timesteps)
         ab = torch.cumprod(1 - b, dim=0)                                        # ab_t = prod_{s<=t} (1 - b_s)
@@ -96,6 +104,10 @@ class Model(GenerativeModel):
             "posterior_c0": b * ab_prev.sqrt() / (1 - ab),                       # mu~_t = c0 x_0 + ct x_t
             "posterior_ct": (1 - b).sqrt() * (1 - ab_prev) / (1 - ab),
             "snr": ab / (1 - ab),                                                # SNR(t) = ab_t / (1 - ab_t)
+            "log_betas": b.log(),
+            # log b~_t with b~_0 = 0 replaced by b~_1, as improved DDPM's code does: the range of Sigma at t = 0
+            "log_posterior_var": torch.cat([b[1:2] * (1 - ab[:1]) / (1 - ab[1:2]), b[1:] * (1 - ab[:-1]) / (1 - ab[1:])
+                                            ]).log(),
         }
         for name, value in schedule.items():
             self.register_buffer(name, value.float(), persistent=False)
@@ -124,14 +136,26 @@ class Model(GenerativeModel):
         return self.loss_x0(x * 2 - 1, y, generator)                            # [0, 1] -> [-1, 1]
 
     def loss_x0(self, x0, y=None, generator=None):
-        """The loss of `loss` for x_0 already in diffusion space (pixels in [-1, 1], or latents)."""
-        t = torch.randint(0, self.config.timesteps, (len(x0),), generator=generator, device=x0.device)
+        """The loss of `loss` for x_0 already in diffusion space (pixels in [-1, 1], or latents); with learn_sigma
+        plus lambda T L_t (L_vlb = sum_t L_t, estimated at one t), and with the loss-aware sampler each image's loss
+        weighted by 1 / (T p_t). Validation draws t uniformly, so its numbers compare across runs."""
+        importance = self.training and self.config.timestep_sampler == "loss-aware"
+        if importance:
+            t, weights = self.timestep_sampler.sample(len(x0), generator)
+        else:
+            t = torch.randint(0, self.config.timesteps, (len(x0),), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         labels = None
         if self.conditional:
             labels = drop_condition(as_condition(y, self.condition), self.condition, self.num_classes,
                                     self.config.label_dropout, generator)
-        out = (self.unet if self.training else self.ema)(self.q_sample(x0, t, noise), t, labels)
+        xt = self.q_sample(x0, t, noise)
+        out = (self.unet if self.training else self.ema)(xt, t, labels)
+        terms = {}
+        if self.config.learn_sigma:
+            out, v = out.chunk(2, dim=1)
+            # L_vlb trains the variance only: the mean's gradient is stopped (Nichol & Dhariwal 2021, Sec. 3.1)
+            terms["vb"] = self.vlb_terms(x0, xt, t, out.detach(), v)
         if self.config.v_prediction:   # v = sqrt(ab_t) eps - sqrt(1-ab_t) x_0
             target = self._at(self.sqrt_ab, t) * noise - self._at(self.sqrt_1m_ab, t) * x0
         else:
@@ -140,19 +164,45 @@ class Model(GenerativeModel):
         if self.config.min_snr_gamma > 0:   # min(SNR, gamma)/SNR for eps, min(SNR, gamma)/(SNR + 1) for v
             snr = self.snr[t]
             per_image = per_image * snr.clamp(max=self.config.min_snr_gamma) / (snr + self.config.v_prediction)
-        return {"loss": per_image.mean()}
+        if self.config.learn_sigma:
+            per_image = per_image + HYBRID_LAMBDA * self.config.timesteps * terms["vb"]
+        if importance:
+            self.timestep_sampler.record(t, per_image.detach())
+            per_image = per_image * weights
+        return {"loss": per_image.mean(), **{k: v.mean() for k, v in terms.items()}}
 
-    def predict(self, xt, t, out):
-        """(x0_hat, eps_hat, v) from the network's output; x0_hat clipped to [-1, 1] with clip_x0, and eps_hat
-        consistent with it. v is the learned variance's interpolation (None: the variance is fixed)."""
+    def vlb_terms(self, x0, xt, t, out, v=None):
+        """L_{t-1} per image in bits per dimension, for p(x_{t-1}|x_t) = N(mu~(x_t, x0_hat), Sigma): Sigma learned
+        from v, else b~_t."""
+        x0_hat = self.predict(xt, t, out, clip=False)[0]
+        mean, _ = self.q_posterior(x0_hat, xt, t)
+        true_mean, _ = self.q_posterior(x0, xt, t)
+        fixed = self._at(self.log_posterior_var, t)
+        log_var = fixed if v is None else iddpm.learned_log_variance((v + 1) / 2, self._at(self.log_betas, t), fixed)
+        return iddpm.vlb_term(x0, xt, t, true_mean, fixed, mean, log_var)
+
+    def validation_metrics(self, images, labels):
+        """val_bpd: the variational bound in bits per dimension of the first BPD_IMAGES validation images, with
+        BPD_STEPS fixed steps (iddpm.bits_per_dim)."""
+        y = as_condition(labels[:BPD_IMAGES], self.condition) if self.conditional else None
+        return {"bpd": iddpm.bits_per_dim(self, images[:BPD_IMAGES] * 2 - 1, y, BPD_STEPS)}
+
+    def predict(self, xt, t, out, clip=True):
+        """(x0_hat, eps_hat, v) from the network's output; x0_hat clipped to [-1, 1] with clip_x0 (and `clip`), and
+        eps_hat consistent with it. v is the learned variance's interpolation in [0, 1] (None: the variance is
+        fixed)."""
+        v = None
+        if out.shape[1] != xt.shape[1]:   # learn_sigma: eps (or v-prediction) and the variance's v in [-1, 1]
+            out, v = out.chunk(2, dim=1)
+            v = (v + 1) / 2
         sa, s1a = self._at(self.sqrt_ab, t), self._at(self.sqrt_1m_ab, t)
         if self.config.v_prediction:
             x0 = sa * xt - s1a * out                                             # x_0 = sqrt(ab) x_t - sqrt(1-ab) v
         else:
             x0 = (xt - s1a * out) / sa                                           # (x_t - sqrt(1-ab) eps) / sqrt(ab)
-        if self.config.clip_x0:
+        if self.config.clip_x0 and clip:
             x0 = x0.clamp(-1, 1)
-        return x0, (xt - sa * x0) / s1a, None
+        return x0, (xt - sa * x0) / s1a, v
 
     def denoiser(self, y, guidance):
         """denoise(x_t, t) -> (x0_hat, eps_hat, v) for samplers.py: EMA weights in eval mode, guidance w."""
@@ -179,19 +229,10 @@ class Model(GenerativeModel):
         steps = steps or DEFAULT_STEPS[sampler] or T
         if steps < 1:
             raise UserError(f"--steps must be at least 1, got {steps}")
-        if labels is not None and not self.conditional:
-            raise UserError("this model is unconditional (one class, or --unconditional); drop --class-label")
-        if guidance != 1 and not self.conditional:
-            raise UserError("--guidance needs a conditional model; this one is unconditional")
+        self.check_sampling(labels, guidance)
         device = self.alphas_bar.device
         x = torch.randn(n, *self.image_shape, generator=generator, device=device)   # x_T ~ N(0, I)
-        y = None if labels is None else as_condition(labels.to(device), self.condition)
-        if y is None and self.condition == "class":
-            y = torch.arange(n, device=device) % self.num_classes
-        elif y is None and self.conditional:   # a batch of null conditions: unconditional samples
-            template = torch.zeros(n, self.num_classes) if self.condition == "labels" else \
-                torch.zeros(n, *self.image_shape[1:], dtype=torch.long)
-            y = null_condition(template.to(device), self.condition, self.num_classes)
+        y = sampling_condition(labels, n, self.condition, self.num_classes, self.image_shape[1:], device)
         denoise = self.denoiser(y, guidance)
         if sampler == "dpmpp":
             ts = samplers.time_uniform(T, min(steps, T))
@@ -200,20 +241,8 @@ class Model(GenerativeModel):
             ts = samplers.spaced(T, steps)
             states = (samplers.ddim(denoise, x, self.alphas_bar, ts, eta, generator) if sampler == "ddim" else
                       samplers.ddpm(denoise, x, self.alphas_bar, ts, generator))
-        return self.to_images(keep_frames(x, states, len(ts) - 1, frames))
+        return self.to_images(samplers.keep_frames(x, states, len(ts) - 1, frames))
 
     def sample(self, n, generator=None, labels=None, **options):
         """n images x_0 in [0, 1] (see denoising_process), with the EMA weights in eval mode."""
         return self.denoising_process(n, generator, 1, labels, **options)[-1]
-
-
-def keep_frames(x, states, steps, frames):
-    """Run a sampler (states: an iterator of `steps` states after x) with a progress bar on stderr, keeping
-    `frames` states evenly spaced from x to the last: (frames, B, ...)."""
-    keep = {round(steps - i * steps / max(frames - 1, 1)) for i in range(frames)}   # in 0 .. steps
-    kept = [x] if 0 in keep else []
-    for i, x in enumerate(tqdm(states, total=steps, desc="sampling", unit="step", leave=False, file=sys.stderr,
-                               disable=None), 1):
-        if i in keep:
-            kept.append(x)
-    return torch.stack(kept)

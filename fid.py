@@ -270,15 +270,15 @@ class SampleQuality:
 
 
 def sample_quality(args, data_name, image_size, dataset, real_images, real_labels, condition, device="cpu",
-                   models_dir="models", for_selection=False, n_samples=None, seed=0):
+                   models_dir="models", for_selection=False, n_samples=None, seed=0, sample_kwargs=None):
     """SampleQuality with --fid-features' extractors (a missing evaluator trained first) and, for a
-    layout-conditional model, the layout evaluator (likewise)."""
+    layout-conditional model, the layout evaluator (likewise); `sample_kwargs` go to the model's sample()."""
     extractors = extractors_from_args(args, data_name, image_size, device, models_dir, dataset, for_selection)
     segmenter = None
     if condition == "layout":
         segmenter = segmenter_on_first_need(segmenter_path(data_name, image_size, models_dir), data_name, image_size,
                                             dataset, device)
-    return SampleQuality(extractors, real_images, real_labels, n_samples, seed, segmenter=segmenter)
+    return SampleQuality(extractors, real_images, real_labels, n_samples, seed, sample_kwargs, segmenter)
 
 
 def format_metrics(metrics):

@@ -34,7 +34,8 @@ def main():
     parser.add_argument("--n", type=common.checked(int, 1), default=64, help="how many images (default: 64)")
     parser.add_argument("--seed", type=common.checked(int, 0), default=0,
                         help="seeds the noise, so the same seed gives the same picture (default: 0)")
-    parser.add_argument("--out", default=None, help="the picture, .png or .jpg (default: vis/random_images_<MODEL>.png)")
+    parser.add_argument("--out", default=None,
+                        help="the picture, .png or .jpg (default: vis/random_images_<MODEL>.png)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                         help="where to run the model; auto: cuda, else mps, else cpu (default: auto)")
     g = parser.add_argument_group("sampler options (for models that take them: see each model's sample_options)")
@@ -72,7 +73,7 @@ def main():
     path = common.save_image_grid(images.cpu(), out)
     print(f"wrote {path}")
     if args.fid:
-        report_sample_quality(model, ckpt, args, device, images, options.get("labels"))
+        report_sample_quality(model, ckpt, args, device, images, options)
 
 
 def class_index(label, names):
@@ -112,15 +113,16 @@ def sample_options(model, ckpt, args, device):
     return options
 
 
-def report_sample_quality(model, ckpt, args, device, images, asked):
-    """The checkpoint's own validation split is the reference: same data, size, channels and seed. Samples drawn
-    for a file's labels or layouts (`asked`) are also scored against what was asked."""
+def report_sample_quality(model, ckpt, args, device, images, options):
+    """The checkpoint's own validation split is the reference: same data, size, channels and seed, the sampler
+    `options` as given. Samples drawn for a file's labels or layouts are also scored against what was asked."""
+    asked = options.pop("labels", None)
     data_name, size = ckpt["train_args"]["data"], ckpt["image_shape"][1]
     args.fid_features = args.fid_features or ckpt["train_args"].get("fid_features", ["inception"])
     data, _, val_idx = checkpoint_data(ckpt)
     conditions = data.conditions(model.condition or "class")[0]
     quality = fid.sample_quality(args, data_name, size, data, data.images[val_idx], conditions[val_idx],
-                                 model.condition, device, seed=args.seed)
+                                 model.condition, device, seed=args.seed, sample_kwargs=options)
     print(f"{fid.format_metrics(quality(model, device))} ({len(val_idx)} samples vs the {len(val_idx)} "
           f"validation images of {data_name} at {size}x{size})")
     fake = fid.quantize(images)

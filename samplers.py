@@ -1,16 +1,21 @@
-"""Samplers of a discrete-time diffusion model, one function per algorithm, as in k-diffusion.
+"""Samplers, one function per algorithm, as in k-diffusion; each yields the state after each step, so the caller
+keeps the last (a sample) or several (a denoising picture, `keep_frames`).
 
-Each takes
+Discrete-time diffusion (ddpm.py, latent_diffusion.py): `ddpm`, `ddim`, `dpm_solver_pp_2m` take
     denoise(x_t, t) -> (x0_hat, eps_hat, v)   the model's prediction at integer step t (B,), with v the learned
                                               variance interpolation of improved DDPM in [0, 1] (or None)
     x                                         x_T ~ N(0, I), (B, C, H, W)
     alphas_bar                                ab_t for t = 0 .. T-1 (the paper's t = 1 .. T)
     ts                                        the steps to visit, descending; the last entry is where it stops,
                                               -1 meaning ab = 1 (x_0 itself)
-and yields the state after each step, so the caller keeps the last (a sample) or several (a denoising picture).
-Every network evaluation is one step of `ts` except where said.
+and make one network evaluation per step of `ts`.
+Flow matching (flow_matching.py): `euler`, `heun` integrate dx/dt = velocity(x, t) over times `ts` from 1 (noise)
+down to 0 (data).
 """
+import sys
+
 import torch
+from tqdm import tqdm
 
 
 def ab_at(alphas_bar, t):
@@ -25,8 +30,9 @@ def spaced(T, steps, final=-1):
 
 
 def time_uniform(T, steps):
-    """DPM-Solver's time-uniform steps for a discrete model: steps + 1 points from T-1 down to 0."""
-    return [round(T - 1 - i * (T - 1) / steps) for i in range(steps + 1)]
+    """DPM-Solver's time-uniform steps for a discrete model, as diffusers spaces them ("linspace"): the first
+    `steps` of steps + 1 evenly spaced points from T-1 down to 0, then -1 (ab = 1)."""
+    return [round(T - 1 - i * (T - 1) / steps) for i in range(steps)] + [-1]
 
 
 def _batch(t, x):
@@ -68,24 +74,53 @@ def ddim(denoise, x, alphas_bar, ts, eta=1.0, generator=None):
 
 
 @torch.no_grad()
-def dpm_solver_pp_2m(denoise, x, alphas_bar, ts, lower_order_final=True):
+def dpm_solver_pp_2m(denoise, x, alphas_bar, ts):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), the multistep second-order solver of the diffusion ODE
     in the data prediction D = x0_hat, with alpha = sqrt(ab), sigma = sqrt(1 - ab), lambda = log(alpha / sigma):
         first order (DDIM):  x_s = (sigma_s / sigma_t) x_t - alpha_s (e^-h - 1) D_t,       h = lambda_s - lambda_t
         second order:        the same with D_t + (D_t - D_prev) / (2 r),                   r = h_prev / h
-    The first step has no previous D and is first order; with fewer than 15 steps so is the last
-    (`lower_order_final`, as diffusers' DPMSolverMultistepScheduler), which keeps few-step sampling stable."""
+    The first step has no previous D and is first order; so is a step into ab = 1 (sigma = 0, where lambda is
+    infinite and the update is x_s = D_t), as diffusers' DPMSolverMultistepScheduler takes its last step."""
     d_prev, h_prev = None, None
-    for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
+    for t, s in zip(ts[:-1], ts[1:]):
         d, _, _ = denoise(x, _batch(t, x))
-        ab_t, ab_s = ab_at(alphas_bar, t), ab_at(alphas_bar, s)
-        lambda_t, lambda_s = 0.5 * (ab_t / (1 - ab_t)).log(), 0.5 * (ab_s / (1 - ab_s)).log()
-        h = lambda_s - lambda_t
-        last = i == len(ts) - 2
-        if d_prev is None or (last and lower_order_final and len(ts) - 1 < 15):
-            d_hat = d
+        if s < 0:
+            x = d
         else:
-            d_hat = d + (d - d_prev) / (2 * h_prev / h)
-        x = ((1 - ab_s) / (1 - ab_t)).sqrt() * x - ab_s.sqrt() * torch.expm1(-h) * d_hat
-        d_prev, h_prev = d, h
+            ab_t, ab_s = ab_at(alphas_bar, t), ab_at(alphas_bar, s)
+            h = 0.5 * (ab_s / (1 - ab_s)).log() - 0.5 * (ab_t / (1 - ab_t)).log()
+            d_hat = d if d_prev is None else d + (d - d_prev) / (2 * h_prev / h)
+            x = ((1 - ab_s) / (1 - ab_t)).sqrt() * x - ab_s.sqrt() * torch.expm1(-h) * d_hat
+            d_prev, h_prev = d, h
         yield x
+
+
+@torch.no_grad()
+def euler(velocity, x, ts):
+    """Euler's method: x_s = x_t + (s - t) v(x_t, t). One network evaluation a step."""
+    for t, s in zip(ts[:-1], ts[1:]):
+        x = x + (s - t) * velocity(x, t)
+        yield x
+
+
+@torch.no_grad()
+def heun(velocity, x, ts):
+    """Heun's second-order method (as EDM's Algorithm 1, Karras et al. 2022): an Euler step, then the average of
+    the slopes at both ends. The velocity is defined at t = 0 too, so every step is corrected: 2 network
+    evaluations a step."""
+    for t, s in zip(ts[:-1], ts[1:]):
+        d = velocity(x, t)
+        x = x + (s - t) * (d + velocity(x + (s - t) * d, s)) / 2
+        yield x
+
+
+def keep_frames(x, states, steps, frames):
+    """Run a sampler (states: an iterator of `steps` states after x) with a progress bar on stderr, keeping
+    `frames` states evenly spaced from x to the last: (frames, B, ...)."""
+    keep = {round(steps - i * steps / max(frames - 1, 1)) for i in range(frames)}   # in 0 .. steps
+    kept = [x] if 0 in keep else []
+    for i, x in enumerate(tqdm(states, total=steps, desc="sampling", unit="step", leave=False, file=sys.stderr,
+                               disable=None), 1):
+        if i in keep:
+            kept.append(x)
+    return torch.stack(kept)

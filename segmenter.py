@@ -124,9 +124,9 @@ def segmenter_on_first_need(path, data_name, image_size, dataset, device="cpu"):
     """The layout evaluator at `path`, trained there first (saying so, with the equivalent command) if absent."""
     path = Path(path)
     if not path.is_file():
+        out = f" --out {path}" if path != segmenter_path(data_name, image_size) else ""
         print(f"# no layout evaluator at {path}: training one (python fid.py train-segmenter --data {data_name} "
-              f"--image-size {image_size}{' --out ' + str(path) if path != segmenter_path(data_name, image_size) else ''})",
-              flush=True)
+              f"--image-size {image_size}{out})", flush=True)
         net, val_iou = train_segmenter(dataset, device=device, log=lambda line: print(line, file=sys.stderr))
         save_segmenter(net, dataset, val_iou, path)
     return load_segmenter(path)[0]

@@ -23,6 +23,7 @@ import contract
 import conv_ae
 import ddpm
 import fid
+import flow_matching
 import gan
 import latent_diffusion
 import mlp_ae
@@ -35,6 +36,7 @@ MODELS = {
     "AE": conv_ae,
     "VAE": vae,
     "diffusion": ddpm,
+    "flow": flow_matching,
     "GAN": gan,
     "LDM": latent_diffusion,
 }
@@ -157,7 +159,8 @@ def load_model(path, expected_model=None, device="cpu"):
     if missing:
         raise UserError(f"'{path}' is an incomplete genlab checkpoint (no {', '.join(missing)}); use another one")
     if expected_model is not None and name != expected_model:
-        raise UserError(f"'{path}' holds a {name} model, not {expected_model}; pass --model {name} or another checkpoint")
+        raise UserError(f"'{path}' holds a {name} model, not {expected_model}; pass --model {name} or another "
+                        "checkpoint")
     config = common.config_from_dict(MODELS[name].Config, ckpt["config"])
     condition = ckpt.get("condition", "class")
     model = build_model(name, config, ckpt["image_shape"], len(ckpt["class_names"]) if condition else 0,
@@ -198,8 +201,10 @@ def evaluate(model, images, labels, args, device):
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(x)
         count += len(x)
+    means = {k: v / count for k, v in sums.items()}
+    means.update(model.validation_metrics(common.to_float(images).to(device), labels.to(device)))
     model.train()
-    return {k: v / count for k, v in sums.items()}
+    return means
 
 
 @torch.no_grad()

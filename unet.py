@@ -168,6 +168,14 @@ class UNet(nn.Module):
 CONDITIONS = ("class", "labels", "layout")
 
 
+def condition_for(condition, num_classes, unconditional=False):
+    """(K, kind) of the condition a denoiser is built for: no condition with --unconditional or one class."""
+    if condition not in CONDITIONS:
+        raise UserError(f"unknown condition {condition}; choose {', '.join(CONDITIONS)}")
+    k = 0 if unconditional or (condition == "class" and num_classes < 2) else num_classes
+    return k, (condition if k else None)
+
+
 def layout_channels(layout, num_labels, size):
     """(B, H, W) maps of 1 + label (0: background, -1: null) -> (B, K + 1, h, w) one-hot, averaged over each
     cell when (h, w) is smaller than (H, W): the share of each label in the cell."""
@@ -187,6 +195,19 @@ def null_condition(y, kind, num_classes):
     if kind == "class":
         return torch.full_like(y, num_classes)
     return torch.zeros_like(y) if kind == "labels" else torch.full_like(y, -1)
+
+
+def sampling_condition(labels, n, kind, num_classes, size, device):
+    """The conditions of n samples: `labels` as given; else class i mod K for image i, or for labels and layouts
+    the null condition (unconditional samples); None for a model without a condition."""
+    if kind is None:
+        return None
+    if labels is not None:
+        return as_condition(labels.to(device), kind)
+    if kind == "class":
+        return torch.arange(n, device=device) % num_classes
+    template = torch.zeros(n, num_classes) if kind == "labels" else torch.zeros(n, *size, dtype=torch.long)
+    return null_condition(template.to(device), kind, num_classes)
 
 
 def drop_condition(y, kind, num_classes, probability, generator=None):

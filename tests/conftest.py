@@ -46,3 +46,15 @@ def make_optimizers(model, lr, grad_clip=0.0, accumulation=1):
     groups = model.parameter_groups()
     return contract.Optimizers({name: torch.optim.Adam(contract.trainable(m), lr=lr) for name, m in groups.items()},
                                groups, grad_clip, accumulation)
+
+
+def run_main(monkeypatch, script, *argv):
+    """Run a script's main() in this process as `python script.py argv` would (saves a start-up), in the current
+    folder; returns the exit status (0, or what common.run_cli exits with)."""
+    import common
+    monkeypatch.setattr("sys.argv", [script.__name__ + ".py", *map(str, argv)])
+    try:
+        common.run_cli(script.main)
+    except SystemExit as exit_:
+        return exit_.code
+    return 0

@@ -3,22 +3,46 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script, write_image_folder
+import random_generation
+import visualization
+from conftest import run_main, run_script, write_image_folder
+from train_script import MODELS, load_model
 
 TINY = ["--image-size", "12", "--epochs", "2", "--batch-size", "64"]
+# Small networks, so that every model trains in seconds; everything else is the model's default.
+SMALL = {"MLPAE": [], "AE": [], "VAE": [], "GAN": ["--ngf", "8", "--ndf", "8"],
+         "diffusion": ["--width", "8", "--channel-mults", "1", "2", "--attention-levels", "1", "--timesteps", "50"],
+         "flow": ["--width", "8", "--channel-mults", "1", "2", "--attention-levels", "1"],
+         "LDM": ["--width", "8", "--channel-mults", "1", "2", "--attention-levels", "1", "--timesteps", "50",
+                 "--ae-width", "8", "--ae-epochs", "1"]}
+
+
+def test_every_registered_model_has_its_tiny_flags():
+    assert set(SMALL) == set(MODELS)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """One folder where each autoencoder was trained for two tiny epochs on the built-in shapes."""
+    """One folder, empty at first, where each autoencoder was trained for two tiny epochs on the built-in shapes."""
     root = tmp_path_factory.mktemp("cli")
     for name in ("MLPAE", "AE", "VAE"):
         result = run_script("train_script.py", "--model", name, *TINY, cwd=root)
         assert result.returncode == 0, result.stderr
-        epoch_lines = [l for l in result.stdout.splitlines() if l.startswith("epoch ")]
-        assert len(epoch_lines) == 2 and all("train_loss" in l and "val_loss" in l for l in epoch_lines)
-        assert "Traceback" not in result.stderr
     return root
+
+
+@pytest.mark.parametrize("name", ["GAN", "diffusion", "flow", "LDM"])
+def test_generative_models_train_show_and_sample_from_an_empty_folder(tmp_path, name):
+    result = run_script("train_script.py", "--model", name, *TINY, *SMALL[name], cwd=tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert (tmp_path / "models" / f"Best_{name}.pth").is_file() and any((tmp_path / "log" / name).iterdir())
+    result = run_script("visualization.py", "--model", name, "--n", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    model, _ = load_model(tmp_path / "models" / f"Best_{name}.pth")
+    expected = ["loss"] + ["train", "valid"] * model.reconstructs + ["denoising"] * model.denoises
+    assert sorted(p.stem for p in (tmp_path / "vis").iterdir()) == sorted(f"{e}_{name}" for e in expected)
+    result = run_script("random_generation.py", "--model", name, "--n", "4", cwd=tmp_path)
+    assert result.returncode == 0 and (tmp_path / "vis" / f"random_images_{name}.png").is_file(), result.stderr
 
 
 @pytest.mark.parametrize("name", ["MLPAE", "AE", "VAE"])
@@ -28,17 +52,16 @@ def test_train_writes_checkpoints_and_tensorboard(workdir, name):
 
 
 @pytest.mark.parametrize("name", ["MLPAE", "AE", "VAE"])
-def test_visualization_and_random_generation(workdir, name):
-    result = run_script("visualization.py", "--model", name, "--n", "8", cwd=workdir)
-    assert result.returncode == 0, result.stderr
+def test_visualization_and_random_generation(workdir, name, monkeypatch):
+    monkeypatch.chdir(workdir)   # in-process: the same code as a user's run, without two more start-ups
+    assert run_main(monkeypatch, visualization, "--model", name, "--n", "8") == 0
     for picture in (f"train_{name}.png", f"valid_{name}.png", f"loss_{name}.png"):
         assert (workdir / "vis" / picture).is_file()
     # 8 originals above 8 reconstructions, 12x12 each with 2-pixel padding, scaled 4x
     assert Image.open(workdir / "vis" / f"train_{name}.png").size == (4 * (8 * 14 + 2), 4 * 2 * (14 + 2))
-    result = run_script("random_generation.py", "--model", name, "--n", "16", "--seed", "1", cwd=workdir)
-    assert result.returncode == 0, result.stderr
+    assert run_main(monkeypatch, random_generation, "--model", name, "--n", "16", "--seed", "1") == 0
     first = (workdir / "vis" / f"random_images_{name}.png").read_bytes()
-    run_script("random_generation.py", "--model", name, "--n", "16", "--seed", "1", cwd=workdir)
+    run_main(monkeypatch, random_generation, "--model", name, "--n", "16", "--seed", "1")
     assert (workdir / "vis" / f"random_images_{name}.png").read_bytes() == first  # same seed, same picture
 
 
@@ -78,3 +101,16 @@ def test_own_folder_with_classes_and_grayscale(tmp_path):
     assert result.returncode == 0, result.stderr
     ckpt = torch.load(tmp_path / "models" / "Best_AE.pth", weights_only=True)
     assert ckpt["image_shape"] == [1, 8, 8] and ckpt["class_names"] == ["a", "b"]
+
+
+def test_improved_ddpm_and_its_samplers_from_the_command_line(tmp_path, monkeypatch):
+    flags = [*TINY, *SMALL["diffusion"], "--learn-sigma", "--timestep-sampler", "loss-aware"]
+    result = run_script("train_script.py", "--model", "diffusion", *flags, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    epoch = [line for line in result.stdout.splitlines() if line.startswith("epoch 2 ")][0].split()
+    assert float(epoch[epoch.index("val_bpd") + 1]) > 0 and "train_vb" in epoch
+    monkeypatch.chdir(tmp_path)
+    for sampler, steps in (("ddpm", "10"), ("dpmpp", "5"), ("ddim", "5")):
+        assert run_main(monkeypatch, random_generation, "--model", "diffusion", "--sampler", sampler, "--steps", steps,
+                        "--n", "4", "--out", f"vis/{sampler}.png") == 0
+        assert (tmp_path / "vis" / f"{sampler}.png").is_file()

@@ -210,3 +210,54 @@ def test_cli_end_to_end_on_the_bundled_shapes(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "vis" / "red.png").is_file() and (tmp_path / "vis" / "denoising_diffusion.png").is_file()
     run(random_generation, "--model", "diffusion", "--class-label", "rose")
     assert "unknown --class-label 'rose'; the classes are: 0 red_circle, 1 red_square" in capsys.readouterr().err
+
+
+def test_dpm_solver_pp_with_one_step_is_ddim():
+    """First-order DPM-Solver++ is DDIM (Lu et al. 2022): x_s = sigma_s/sigma_t x_t - alpha_s (e^-h - 1) x0_hat."""
+    model = randomize(build(timesteps=50, clip_x0=False), scale=0.2)
+    denoise, x = model.denoiser(None, 1.0), torch.randn(4, 3, 8, 8)
+    for ts in ([49, -1], [49, 0], [30, 12]):
+        dpm = next(samplers.dpm_solver_pp_2m(denoise, x, model.alphas_bar, ts))
+        ddim = next(samplers.ddim(denoise, x, model.alphas_bar, ts, 0.0))
+        assert torch.allclose(dpm, ddim, atol=1e-5), ts
+    assert torch.allclose(model.sample(2, torch.Generator().manual_seed(0), sampler="dpmpp", steps=1),
+                          model.sample(2, torch.Generator().manual_seed(0), steps=1, eta=0.0), atol=1e-6)
+
+
+def gaussian_denoiser(alphas_bar, mu, s):
+    """The exact denoiser of x_0 ~ N(mu, s^2 I): E[x_0|x_t] = mu + s^2 sqrt(ab) (x_t - sqrt(ab) mu) / (ab s^2 + 1 - ab)."""
+    def denoise(xt, t):
+        ab = alphas_bar.double()[t].view(-1, 1)
+        x0 = mu + s ** 2 * ab.sqrt() * (xt - ab.sqrt() * mu) / (ab * s ** 2 + 1 - ab)
+        return x0, (xt - ab.sqrt() * x0) / (1 - ab).sqrt(), None
+    return denoise
+
+
+def test_dpm_solver_pp_converges_to_ddim_eta_zero_with_many_steps():
+    """Both solve the same probability-flow ODE: with many steps they agree, and DPM-Solver++(2M), second order,
+    is nearer the converged answer than DDIM, first order, at the same number of evaluations."""
+    alphas_bar = build(timesteps=1000).alphas_bar.double()
+    denoise = gaussian_denoiser(alphas_bar, 0.5, 0.2)
+    x = torch.randn(2000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    *_, reference = samplers.ddim(denoise, x, alphas_bar, samplers.spaced(1000, 1000), 0.0)
+    assert abs(reference.mean() - 0.5) < 0.01 and abs(reference.std() - 0.2) < 0.01   # the data's law
+    *_, dpm_many = samplers.dpm_solver_pp_2m(denoise, x, alphas_bar, samplers.time_uniform(1000, 999))
+    assert (dpm_many - reference).abs().max() < 5e-3
+    grid = samplers.time_uniform(1000, 100)
+    *_, dpm = samplers.dpm_solver_pp_2m(denoise, x, alphas_bar, grid)
+    *_, ddim = samplers.ddim(denoise, x, alphas_bar, grid, 0.0)
+    assert (dpm - reference).abs().mean() < 0.5 * (ddim - reference).abs().mean()
+
+
+def test_dpm_solver_pp_steps_are_time_uniform_and_its_last_step_first_order():
+    assert samplers.time_uniform(1000, 4) == [999, 749, 500, 250, -1]   # round(999 - i 999/4), then ab = 1
+    model = randomize(build(timesteps=100, clip_x0=False), scale=0.2)
+    calls = []
+    real = model.denoiser(None, 1.0)
+    denoise = lambda x, t: calls.append(int(t[0])) or real(x, t)   # noqa: E731
+    x = torch.randn(2, 3, 8, 8)
+    ts = samplers.time_uniform(100, 5)
+    states = list(samplers.dpm_solver_pp_2m(denoise, x, model.alphas_bar, ts))
+    assert len(states) == 5 and calls == ts[:-1]                         # one evaluation a step
+    first_order_last = next(samplers.ddim(real, states[-2], model.alphas_bar, ts[-2:], 0.0))
+    assert torch.allclose(states[-1], first_order_last, atol=1e-5)
