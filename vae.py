@@ -63,7 +63,9 @@ class Model(GenerativeModel):
 
     def encode(self, x):
         h = self.encoder(x)
-        return self.to_mu(h), self.to_logvar(h)
+        # log sigma^2 kept in [-30, 20], as diffusers' KL autoencoders do: exp() of a runaway value is inf, and the
+        # loss, summed over every pixel of a large image, gives the first steps large enough updates to run away
+        return self.to_mu(h), self.to_logvar(h).clamp(-30, 20)
 
     def forward(self, x, generator=None):
         mu, logvar = self.encode(x)
