@@ -30,6 +30,9 @@ class UNetConfig:
     blocks_per_level: int = option(1, "residual blocks per level on the way down (one more on the way up)", low=1)
     attention_levels: tuple = option((2,), "levels (0 = full resolution) with self-attention", low=0)
     dropout: float = option(0.0, "dropout in the residual blocks (DDPM used 0.1 on CIFAR-10)", low=0, high=1)
+    scale_shift: bool = option(False, "the time and condition embedding scales and shifts each block's normalised "
+                                      "features, GroupNorm(h) (1 + s) + b (Dhariwal & Nichol 2021), instead of "
+                                      "being added to them")
 
 
 def check_size(config, height, width, what="the image"):
@@ -53,12 +56,14 @@ def group_norm(channels):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm, SiLU, conv; + the projected time(+label) embedding; GroupNorm, SiLU, dropout, conv; + skip."""
+    """GroupNorm, SiLU, conv; + the projected time(+condition) embedding; GroupNorm, SiLU, dropout, conv; + skip.
+    With scale_shift the embedding gives (s, b) and the second GroupNorm's output becomes norm(h) (1 + s) + b."""
 
-    def __init__(self, c_in, c_out, emb_dim, dropout):
+    def __init__(self, c_in, c_out, emb_dim, dropout, scale_shift=False):
         super().__init__()
         self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, c_out)
+        self.scale_shift = scale_shift
+        self.emb = nn.Linear(emb_dim, 2 * c_out if scale_shift else c_out)
         self.norm2, self.dropout = group_norm(c_out), nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity (DDPM's init)
@@ -66,8 +71,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(emb)[:, :, None, None]                       # (B, c_out, H, W) + (B, c_out, 1, 1)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        e = self.emb(emb)[:, :, None, None]                           # (B, c_out or 2 c_out, 1, 1)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)                                     # (B, c_out, H, W) + (B, c_out, 1, 1)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -118,8 +128,8 @@ class UNet(nn.Module):
             if i < len(levels) - 1:
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # (B, c, H/2, W/2)
                 skips.append(c)
-        self.middle = nn.ModuleList([ResBlock(c, c, emb_dim, config.dropout), Attention(c),
-                                     ResBlock(c, c, emb_dim, config.dropout)])
+        self.middle = nn.ModuleList([ResBlock(c, c, emb_dim, config.dropout, config.scale_shift), Attention(c),
+                                     ResBlock(c, c, emb_dim, config.dropout, config.scale_shift)])
         self.up = nn.ModuleList()
         for i, c_out in reversed(list(enumerate(levels))):
             for _ in range(config.blocks_per_level + 1):
@@ -133,7 +143,7 @@ class UNet(nn.Module):
 
     @staticmethod
     def _stage(c_in, c_out, emb_dim, config, level):
-        block = ResBlock(c_in, c_out, emb_dim, config.dropout)
+        block = ResBlock(c_in, c_out, emb_dim, config.dropout, config.scale_shift)
         return nn.ModuleList([block, Attention(c_out)]) if level in config.attention_levels else nn.ModuleList([block])
 
     def forward(self, x, t, y=None):
