@@ -2,6 +2,8 @@
 
     flock /tmp/genlab_cpu.lock python benchmarks/diffusion_speed.py --data ../shared/data/flowers
     flock /tmp/genlab_cpu.lock python benchmarks/diffusion_speed.py --data ../shared/data/flowers --diffusers
+    flock /tmp/genlab_cpu.lock python benchmarks/diffusion_speed.py --data ../shared/data/flowers --compile
+    flock /tmp/genlab_cpu.lock python benchmarks/diffusion_speed.py --data ../shared/data/flowers --precision bf16
 
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention; a
 multiply-add is 2 FLOPs) for one training step, and divided by the measured time of a step. The reference
@@ -19,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import contract  # noqa: E402
 import ddpm  # noqa: E402
 from train_script import COMMON_DEFAULTS  # noqa: E402
 
@@ -43,25 +46,33 @@ def batches(data, batch_size):
         yield from common.iterate_batches(data.images, data.labels, batch_size, generator, flip=True)
 
 
-def step_speed(step, batch_iter, batch_size, repeats):
-    """(images/s, GFLOP per step, GFLOP/s) of `step(x, y)` on full batches."""
+def step_speed(step, batch_iter, batch_size, repeats, flops=None):
+    """(images/s, GFLOP per step, GFLOP/s) of `step(x, y)` on full batches; the FLOPs are counted unless given
+    (a compiled step runs the eager step's FLOPs, and FlopCounterMode does not see inside it)."""
     def one():
         x, y = next(batch_iter)
         while len(x) < batch_size:   # the last, short batch of an epoch
             x, y = next(batch_iter)
         step(x, y)
-    with FlopCounterMode(display=False) as counter:
-        one()
+    if flops is None:
+        with FlopCounterMode(display=False) as counter:
+            one()
+        flops = counter.get_total_flops()
     seconds = timed(one, repeats)
-    flops = counter.get_total_flops()
     return batch_size / seconds, flops / 1e9, flops / seconds / 1e9
 
 
-def ours(data):
-    """genlab's default diffusion model and its training step (loss, backward, clipping, Adam, EMA)."""
+def ours(data, compile_=False, precision="fp32"):
+    """genlab's default diffusion model and its training step (loss, backward, clipping, Adam, EMA), as
+    train_script.py builds it (torch.compile'd and under autocast when asked)."""
     model = ddpm.Model(ddpm.Config(), data.image_shape, len(data.class_names))
-    lr = {**COMMON_DEFAULTS, **ddpm.TRAIN_DEFAULTS}["lr"]
-    optimizers = {"model": torch.optim.Adam(model.parameter_groups()["model"], lr=lr)}
+    defaults = {**COMMON_DEFAULTS, **ddpm.TRAIN_DEFAULTS}
+    groups = model.parameter_groups()
+    if compile_:
+        for module in groups.values():
+            module.compile()
+    optimizers = contract.Optimizers({"model": torch.optim.Adam(contract.trainable(model.unet), lr=defaults["lr"])},
+                                     groups, defaults["grad_clip"], precision=precision)
     n_params = sum(p.numel() for p in model.unet.parameters())
     return model, (lambda x, y: model.train_step(x, y, optimizers)), n_params
 
@@ -113,20 +124,33 @@ def main():
                         "so that a change in the machine's speed meets both")
     parser.add_argument("--diffusers", action="store_true", help="also time diffusers at the same parameter count")
     parser.add_argument("--full-ddpm", action="store_true", help="time DDPM-1000 sampling too (20x DDIM-50's time)")
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd step, alternating")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast of our step")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")
     print(f"fp32 2048x2048 matmul: {matmul_gflops():.1f} GFLOP/s", flush=True)
     data = common.load_data(args.data, args.image_size)
     batch_size = ddpm.TRAIN_DEFAULTS["batch_size"]
-    model, our_step, n_params = ours(data)
-    contenders = [(f"genlab diffusion: {n_params:,} parameters", our_step)]
+    model, our_step, n_params = ours(data, precision=args.precision)
+    contenders = [(f"genlab diffusion ({args.precision}): {n_params:,} parameters", our_step)]
+    if args.compile:
+        started = time.perf_counter()
+        _, compiled_step, _ = ours(data, compile_=True, precision=args.precision)
+        compiled_step(*next(batches(data, batch_size)))   # compiles
+        print(f"torch.compile: first step {time.perf_counter() - started:.0f} s", flush=True)
+        contenders.append((f"genlab diffusion ({args.precision}), torch.compile", compiled_step))
     if args.diffusers:
         their_step, their_params = theirs(data)
         contenders.append((f"diffusers UNet2DModel + DDPMScheduler: {their_params:,} parameters", their_step))
+    our_flops = None
     for round_ in range(args.rounds):
         for name, step in contenders:
-            rate, gflop, gflops = step_speed(step, batches(data, batch_size), batch_size, args.repeats)
+            compiled = "compile" in name
+            rate, gflop, gflops = step_speed(step, batches(data, batch_size), batch_size, args.repeats,
+                                             our_flops if compiled else None)
+            if name.startswith("genlab") and not compiled:
+                our_flops = gflop * 1e9
             print(f"round {round_ + 1}, {name}, batch {batch_size}: {rate:.1f} images/s, {gflop:.2f} GFLOP/step, "
                   f"{gflops:.1f} GFLOP/s", flush=True)
     sampling_times(model, args.full_ddpm)

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import contract  # noqa: E402
 import ddpm  # noqa: E402
 import latent_diffusion  # noqa: E402
 
@@ -59,7 +60,8 @@ def speed(args):
                                                             ae_width=args.ae_width, **unet),
                                     data.image_shape, len(data.class_names))
     models = {"pixel (ddpm.py)": pixel, f"latent f={args.ae_downsample} (latent_diffusion.py)": latent}
-    optimizers = {name: {"model": torch.optim.Adam(m.parameter_groups()["model"], lr=1e-4)} for name, m in models.items()}
+    optimizers = {name: contract.Optimizers({"model": torch.optim.Adam(contract.trainable(m.unet), lr=1e-4)},
+                                            m.parameter_groups()) for name, m in models.items()}
     generator = torch.Generator().manual_seed(0)
     batches = common.iterate_batches(data.images, data.labels, args.batch_size, generator, flip=True)
     times = {name: 0.0 for name in models}
