@@ -418,19 +418,24 @@ def to_float(images):
     return images.float().div_(255)
 
 
-def iterate_batches(images, labels, batch_size, generator=None, flip=False, shuffle=True):
+def iterate_batches(images, labels, batch_size, generator=None, flip=False, shuffle=True, rank=0, world=1):
     """Batches (float images in [0, 1], labels) straight from in-memory tensors.
 
-    With `flip`, each image is mirrored left-right with probability 1/2.
+    With `flip`, each image is mirrored left-right with probability 1/2. With `world` > 1 processes, process
+    `rank` takes every world-th image of the permutation (the last N mod world dropped, so all take as many
+    batches); all processes draw the same permutation and flips from equally seeded generators, so their
+    shares are disjoint and their generators stay equal.
     """
     n = images.shape[0]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
+    mirror = torch.rand(n, generator=generator) < 0.5 if flip else None   # at once: as drawn batch by batch
+    positions = torch.arange(rank, n - n % world, world)                  # all of 0 .. n-1 in one process
+    for start in range(0, len(positions), batch_size):
+        at = positions[start:start + batch_size]
+        idx = order[at]
         x = to_float(images[idx])
         if flip:
-            mirror = torch.rand(len(idx), generator=generator) < 0.5
-            x[mirror] = x[mirror].flip(-1)
+            x[mirror[at]] = x[mirror[at]].flip(-1)
         yield x, labels[idx]
 
 
@@ -569,6 +574,39 @@ def pick_device(name="auto"):
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("--device mps asked for but MPS is not available; use --device cpu or auto")
     return torch.device(name)
+
+
+@dataclass
+class Process:
+    """Where this process stands in a torchrun job: rank `rank` of `world` (one process: 0 of 1)."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def start_process(device_name="auto"):
+    """(Process, device). Under torchrun (WORLD_SIZE > 1) join its process group: NCCL on CUDA, one GPU per process
+    (LOCAL_RANK), else gloo. Without torchrun: one process, nothing to join."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return Process(), device
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Process(dist.get_rank(), dist.get_world_size()), device
+
+
+def say(line):
+    """Print run information to stdout once: under torchrun, from the process of rank 0 only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
 
 
 def tensorboard_writer(log_dir):

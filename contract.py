@@ -11,6 +11,7 @@ and one line in train_script.MODELS. The scripts never ask which model they hold
 below and call the methods.
 """
 import copy
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -121,12 +122,23 @@ class Optimizers:
     of `batch` (tensors split along dim 0; None passed as it is), backpropagates each term's share of the batch
     mean, clips the gradient norm (`grad_clip` > 0) and takes one optimiser step. The gradient is that of the
     whole batch: each micro-batch's mean loss is weighted by its share of the batch (exact for losses that are
-    means over images).
+    means over images). With `precision` bf16 or fp16 the forward pass runs under autocast (fp16 with a
+    gradient scaler); the weights, the loss and the optimiser stay fp32. With `distributed`, each group runs
+    through PyTorch's DistributedDataParallel, which averages its gradients over the processes; micro-batches but
+    the last skip that exchange (no_sync).
     """
 
-    def __init__(self, optimizers, modules, grad_clip=0.0, accumulation=1):
+    def __init__(self, optimizers, modules, grad_clip=0.0, accumulation=1, precision="fp32", device_type="cpu",
+                 distributed=False):
         self.optimizers, self.modules = optimizers, modules
         self.grad_clip, self.accumulation = grad_clip, accumulation
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.device_type = device_type
+        self.scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
+        self.wrappers = {}
+        if distributed:
+            from torch.nn.parallel import DistributedDataParallel
+            self.wrappers = {name: DistributedDataParallel(LossCall(m)) for name, m in modules.items()}
 
     def __getitem__(self, name):
         return self.optimizers[name]
@@ -135,21 +147,43 @@ class Optimizers:
         return self.optimizers.items()
 
     def step(self, name, loss_fn, *batch):
-        optimizer = self.optimizers[name]
+        optimizer, wrapper = self.optimizers[name], self.wrappers.get(name)
         optimizer.zero_grad(set_to_none=True)
         n, k = len(batch[0]), self.accumulation
         chunks = [c for c in zip(*(torch.tensor_split(t, k) if t is not None else [None] * k for t in batch))
                   if len(c[0])]
         totals = {}
-        for chunk in chunks:
-            terms = loss_fn(*chunk)
-            (terms["loss"] * (len(chunk[0]) / n)).backward()
-            for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + v.detach() * (len(chunk[0]) / n)
+        for i, chunk in enumerate(chunks):
+            exchange = wrapper is None or i == len(chunks) - 1   # processes average gradients on the last one
+            with (nullcontext() if exchange else wrapper.no_sync()), \
+                    torch.autocast(self.device_type, self.dtype, enabled=self.dtype is not None):
+                terms = wrapper(loss_fn, *chunk) if wrapper is not None else loss_fn(*chunk)
+            loss = terms["loss"].float() * (len(chunk[0]) / n)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            for key, value in terms.items():
+                totals[key] = totals.get(key, 0.0) + value.detach().float() * (len(chunk[0]) / n)
+        if self.scaler:
+            self.scaler.unscale_(optimizer)   # clip the true gradient
         if self.grad_clip > 0:
             nn.utils.clip_grad_norm_(trainable(self.modules[name]), self.grad_clip, foreach=True)
-        optimizer.step()
+        if self.scaler:
+            self.scaler.step(optimizer)       # skipped when the scaled gradient overflowed
+            self.scaler.update()
+        else:
+            optimizer.step()
         return totals
+
+
+class LossCall(nn.Module):
+    """DistributedDataParallel averages the gradients of what its module's forward computes; this forward runs any
+    function of the wrapped module (a model's loss), so a model's own loss methods work under it unchanged."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, fn, *args):
+        return fn(*args)
 
 
 def trainable(module):

@@ -236,10 +236,9 @@ class LatentDiffusion(ddpm.Model):
         self.first_stage = {"checkpoint": str(path), "fingerprint": fingerprint(ckpt["model_state"]),
                             "data": ckpt["data"], "image_shape": list(ckpt["image_shape"]),
                             "epoch": ckpt["epoch"], "val_psnr": best.get("val_psnr")}
-        print(f"# stage 2 on the autoencoder {path} (fingerprint {self.first_stage['fingerprint']}, epoch "
-              f"{ckpt['epoch']}, val PSNR {best.get('val_psnr', math.nan):.2f} dB): latents "
-              f"{'x'.join(map(str, self.image_shape))}, scale s = 1/std(z) = {self.latent_scale.item():.4f}",
-              flush=True)
+        common.say(f"# stage 2 on the autoencoder {path} (fingerprint {self.first_stage['fingerprint']}, epoch "
+                   f"{ckpt['epoch']}, val PSNR {best.get('val_psnr', math.nan):.2f} dB): latents "
+                   f"{'x'.join(map(str, self.image_shape))}, scale s = 1/std(z) = {self.latent_scale.item():.4f}")
 
     @torch.no_grad()
     def latents(self, x, generator=None):
@@ -288,8 +287,8 @@ def stages(args):
     stage1 = argparse.Namespace(**{**vars(args), "stage": "autoencoder", "run_name": ae_run, "epochs": args.ae_epochs,
                                            "lr": args.ae_lr})
     stage2 = argparse.Namespace(**{**vars(args), "stage": "diffusion", "autoencoder": args.autoencoder or str(ae_path)})
-    print(f"# LDM: stage 1, the autoencoder, trains --ae-epochs {args.ae_epochs} at --ae-lr {args.ae_lr:g}; "
-          f"stage 2, diffusion on its latents, --epochs {args.epochs} at --lr {args.lr:g}", flush=True)
+    common.say(f"# LDM: stage 1, the autoencoder, trains --ae-epochs {args.ae_epochs} at --ae-lr {args.ae_lr:g}; "
+               f"stage 2, diffusion on its latents, --epochs {args.epochs} at --lr {args.lr:g}")
     if args.stage == "autoencoder":
         yield stage1
         return
@@ -304,9 +303,9 @@ def stages(args):
             reason = first_stage_mismatch(common.load_checkpoint(ae_path), args.data, args.image_size, args.channels,
                                           args)
             if reason is None:
-                print(f"# stage 1: reusing {ae_path} (same data, image size and autoencoder flags); "
-                      "--stage autoencoder retrains it", flush=True)
+                common.say(f"# stage 1: reusing {ae_path} (same data, image size and autoencoder flags); "
+                           "--stage autoencoder retrains it")
             else:
-                print(f"# stage 1: retraining {ae_path}, as {reason}", flush=True)
+                common.say(f"# stage 1: retraining {ae_path}, as {reason}")
                 yield stage1
     yield stage2

@@ -47,7 +47,7 @@ COMMON_DEFAULTS = dict(epochs=20, batch_size=16, lr=1e-3, lr_decay=1.0, lr_decay
                        flip=False, fid_every=0, adam_beta1=0.9)
 # What --resume may change; every other flag comes back from the checkpoint.
 CHANGEABLE_ON_RESUME = {"epochs", "patience", "device", "resume", "overwrite", "model", "run_name", "models_dir",
-                        "log_dir"}
+                        "log_dir", "compile", "grad_accum"}
 
 
 def build_parser(model_name=None, add_help=True):
@@ -96,6 +96,11 @@ def build_parser(model_name=None, add_help=True):
                    help=f"Adam's beta1, the decay of its gradient average (default: {d['adam_beta1']})")
     g.add_argument("--weight-decay", type=checked(float, 0), default=d["weight_decay"],
                    help=f"L2 penalty (adam, sgd) or decoupled decay (adamw) (default: {d['weight_decay']})")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="the forward pass under autocast in bfloat16 or float16 (fp16 with a gradient scaler); "
+                        "weights, losses and optimiser stay fp32 (default: fp32)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained networks (compiled at the "
+                   "first step: a minute or more on a CPU)")
     g.add_argument("--grad-clip", type=checked(float, 0), default=d["grad_clip"],
                    help=f"clip the gradient norm to this; 0: off (default: {d['grad_clip']})")
     g.add_argument("--val-every", type=checked(int, 1), default=d["val_every"],
@@ -243,7 +248,7 @@ def tensorboard_scalars(record):
 
 
 def checkpoint_state(args, model, optimizers, schedulers, data, condition, names, epoch, best, bad_validations, history,
-                     shuffle_rng):
+                     rng):
     """Everything to rebuild the model (its condition, and the names of its classes or labels) and to resume."""
     config_fields = {f.name for f in dataclasses.fields(model.config)}
     return {
@@ -261,7 +266,8 @@ def checkpoint_state(args, model, optimizers, schedulers, data, condition, names
         "epoch": epoch,
         "best_metric": best,
         "bad_validations": bad_validations,
-        "rng": {**common.rng_state(), "shuffle": shuffle_rng.get_state()},
+        "scaler_state": optimizers.scaler.state_dict() if optimizers.scaler is not None else None,
+        "rng": rng,
         "history": history,
     }
 
@@ -293,35 +299,42 @@ def describe_run(path):
         return "unreadable"
 
 
-def refuse_to_replace(args, best_path, last_path):
-    """A new run never replaces saved checkpoints by accident: it stops before training, naming the three ways on."""
+def refuse_to_replace(args, best_path, last_path, remove=True):
+    """A new run never replaces saved checkpoints by accident: it stops before training, naming the three ways on.
+    With --overwrite the old files go (when `remove`: in one process of several)."""
     existing = [p for p in (last_path, best_path) if p.exists()]
     if not existing or args.resume:
         return
     if not args.overwrite:
         raise UserError(f"run '{args.run_name}' already exists ({existing[0]}: {describe_run(existing[0])}); "
                         f"--resume continues it, --run-name NEW starts another beside it, --overwrite replaces it")
-    for path in existing:
-        path.unlink()
-    print(f"# --overwrite: removed {', '.join(map(str, existing))}", flush=True)
+    if remove:
+        for path in existing:
+            path.unlink()
+        print(f"# --overwrite: removed {', '.join(map(str, existing))}", flush=True)
 
 
 def train(argv=None):
-    """Parse the flags and train each run the model module asks for (contract.runs), in order."""
+    """Parse the flags and train each run the model module asks for (contract.runs), in order. Under torchrun, every
+    process runs this; they join one process group first."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    process, device = common.start_process(args.device)
     result = None
-    for run_args in contract.runs(MODELS[args.model], args):
-        result = train_run(run_args, argv)
+    try:
+        for run_args in contract.runs(MODELS[args.model], args):
+            result = train_run(run_args, argv, process, device)
+    finally:
+        if process.world > 1:
+            torch.distributed.destroy_process_group()
     return result
 
 
-def train_run(args, argv):
-    """One run: models/Best_<run>.pth and Last_<run>.pth. Returns (model, best metric)."""
-    module = MODELS[args.model]
+def open_run(args, argv, process):
+    """The run's checkpoint paths and, with --resume, its Last (whose settings replace the flags); refuses to replace
+    an existing run. Returns (best_path, last_path, checkpoint or None)."""
     models_dir = common.output_dir(args.models_dir, "--models-dir")
     last_path, best_path = models_dir / f"Last_{args.run_name}.pth", models_dir / f"Best_{args.run_name}.pth"
-    common.remove_stale_temporaries(best_path, last_path)
     ckpt = None
     if args.resume:
         if not last_path.is_file():
@@ -331,12 +344,30 @@ def train_run(args, argv):
         if ckpt.get("model") != args.model:
             raise UserError(f"'{last_path}' holds a {ckpt.get('model')} model, not {args.model}")
         resume_settings(args, ckpt, argv)
-    refuse_to_replace(args, best_path, last_path)
-    log_dir = common.output_dir(Path(args.log_dir) / args.run_name, "--log-dir")
+    refuse_to_replace(args, best_path, last_path, remove=process.main)   # every process reads; rank 0 removes
+    if process.main:
+        common.remove_stale_temporaries(best_path, last_path)
+    return best_path, last_path, ckpt
+
+
+def synchronise(process, *values):
+    """Rank 0's values on every process, once every process has come here (one process: the values)."""
+    if process.world > 1:
+        values = list(values) or [None]
+        torch.distributed.broadcast_object_list(values, src=0)
+    return tuple(values)
+
+
+def train_run(args, argv, process, device):
+    """One run: models/Best_<run>.pth and Last_<run>.pth. Returns (model, best metric). With several processes,
+    each trains on its share of every batch of images; rank 0 alone validates, measures, logs and saves."""
+    module = MODELS[args.model]
+    best_path, last_path, ckpt = open_run(args, argv, process)
+    synchronise(process)   # the others wait while rank 0 cleans the folder
+    log_dir = common.output_dir(Path(args.log_dir) / args.run_name, "--log-dir") if process.main else None
 
     # Data: decoded once, in memory; the 80/20 split is fixed by --seed.
     common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
     data = common.load_data(args.data, args.image_size, args.channels, labels=args.labels,
                             label_names=args.label_names, layouts=args.layouts)
     if ckpt is not None and ckpt.get("data_fingerprint", data.fingerprint) != data.fingerprint:
@@ -354,65 +385,75 @@ def train_run(args, argv):
     if args.condition != "auto" and model.generates and model.condition != condition:   # a first stage has none
         raise UserError(f"the {args.model} model does not take --condition {args.condition} (it takes "
                         f"{model.condition or 'no condition'} here); pass another --condition or drop it")
+    if process.world > 1:
+        torch.manual_seed(args.seed + process.rank)   # the same weights everywhere, but each process its own noise
     groups = model.parameter_groups()
+    if args.compile:
+        compile_networks(groups)
     optimizers = contract.Optimizers({name: make_optimizer(m, args) for name, m in groups.items()}, groups,
-                                     args.grad_clip, args.grad_accum)
+                                     args.grad_clip, args.grad_accum, args.precision, device.type, process.world > 1)
     schedulers = {name: torch.optim.lr_scheduler.StepLR(o, args.lr_decay_every, args.lr_decay)
                   for name, o in optimizers.items()}
-    shuffle_rng = torch.Generator().manual_seed(args.seed)
+    shuffle_rng = torch.Generator().manual_seed(args.seed)   # equal in every process: one permutation to share
     start_epoch, best, bad_validations, history = 1, math.inf, 0, []
     if ckpt is not None:
         model.load_state_dict(ckpt["model_state"])
         for name, o in optimizers.items():
             o.load_state_dict(ckpt["optimizer_states"][name])
             schedulers[name].load_state_dict(ckpt["scheduler_states"][name])
-        common.set_rng_state(ckpt["rng"])
-        shuffle_rng.set_state(ckpt["rng"]["shuffle"])
+        if optimizers.scaler is not None and ckpt.get("scaler_state"):
+            optimizers.scaler.load_state_dict(ckpt["scaler_state"])
+        rng = ckpt["rng"]
+        common.set_rng_state(rng["processes"][process.rank] if len(rng.get("processes", [])) == process.world
+                             else rng)
+        shuffle_rng.set_state(rng["shuffle"])
         start_epoch, best, bad_validations = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["bad_validations"]
         history = list(ckpt["history"])
     else:
         model.prepare(data, train_images)
 
-    # Sample quality (FID/KID or FD_eval), and what Best is chosen on.
+    # Sample quality (FID/KID or FD_eval), and what Best is chosen on: measured by rank 0.
     quality = None
-    if args.fid_every > 0:
+    if args.fid_every > 0 and process.main:
         quality = fid.sample_quality(args, args.data, args.image_size, data, val_images, val_labels, model.condition,
                                      device, args.models_dir, model.selects_by_sample_quality, args.fid_samples,
                                      args.seed)
-    by_quality = quality is not None and model.selects_by_sample_quality
-    if model.selects_by_sample_quality and not by_quality:
+    by_quality = args.fid_every > 0 and model.selects_by_sample_quality
+    if model.selects_by_sample_quality and not by_quality and process.main:
         print(f"# note: {args.model} has no meaningful val_loss; pass --fid-every N to choose Best by sample quality",
               flush=True)
-    selection = quality.metric if by_quality else "val_loss"
+    selection = quality.metric if by_quality and quality is not None else "val_loss"
 
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)   # not frozen copies (EMA)
-    print(f"# {args.model} on {data.source}: {len(train_idx)} train / {len(val_idx)} val images of "
-          f"{'x'.join(map(str, data.image_shape))}, condition {model.condition} ({len(names)} "
-          f"{'classes' if condition in (None, 'class') else 'labels'}), {n_params:,} parameters, {device}, "
-          f"epochs {start_epoch}-{args.epochs}" + (f" (resumed from {last_path})" if ckpt is not None else ""),
-          flush=True)
-    writer = common.tensorboard_writer(log_dir)
-    writer.add_text("hyperparameters", "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer = None
+    if process.main:
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)   # not frozen copies (EMA)
+        print(f"# {args.model} on {data.source}: {len(train_idx)} train / {len(val_idx)} val images of "
+              f"{'x'.join(map(str, data.image_shape))}, condition {model.condition} ({len(names)} "
+              f"{'classes' if condition in (None, 'class') else 'labels'}), {n_params:,} parameters, {device}"
+              + (f" x {process.world} processes" if process.world > 1 else "") + f", epochs {start_epoch}-{args.epochs}"
+              + (f" (resumed from {last_path})" if ckpt is not None else ""), flush=True)
+        writer = common.tensorboard_writer(log_dir)
+        writer.add_text("hyperparameters", "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in
+                                                                                  vars(args).items()))
     fixed_preview = common.to_float(val_images[:8])
 
     def save(path, epoch):
-        common.save_checkpoint(checkpoint_state(args, model, optimizers, schedulers, data, condition, names, epoch,
-                                                best, bad_validations, history, shuffle_rng), path)
+        rng = {**common.rng_state(), "shuffle": shuffle_rng.get_state()}
+        if process.world > 1:   # every process's noise generator, so that a resume continues each exactly
+            rng["processes"] = [None] * process.world
+            torch.distributed.all_gather_object(rng["processes"], common.rng_state())
+        if process.main:
+            common.save_checkpoint(checkpoint_state(args, model, optimizers, schedulers, data, condition, names, epoch,
+                                                    best, bad_validations, history, rng), path)
+        synchronise(process)   # nobody runs ahead of a save
 
     completed = start_epoch - 1
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             started, cpu_started = time.perf_counter(), time.process_time()
-            # One pass over the training images: the model's own train_step on each batch.
-            sums, count = {}, 0
-            batches = common.iterate_batches(train_images, train_labels, args.batch_size, shuffle_rng, args.flip)
-            for x, y in tqdm(batches, total=math.ceil(len(train_idx) / args.batch_size), desc=f"epoch {epoch}",
-                             leave=False, file=sys.stderr, disable=None):
-                terms = model.train_step(x.to(device), y.to(device), optimizers)
-                for k, v in terms.items():   # summed as tensors: no device sync per step
-                    sums[k] = sums.get(k, 0.0) + v.detach() * len(x)
-                count += len(x)
-            record = {"epoch": epoch, **{f"train_{k}": float(v) / count for k, v in sums.items()}}
+            # One pass over the training images (this process's share): the model's own train_step on each batch.
+            record = {"epoch": epoch, **train_epoch(model, optimizers, train_images, train_labels, args, shuffle_rng,
+                                                    process, device, f"epoch {epoch}")}
             if not all(math.isfinite(v) for v in record.values()):
                 raise TrainingDiverged(f"epoch {epoch}: training loss became {record['train_loss']}; "
                                        f"{best_path} is left as it was. Try a lower --lr.")
@@ -421,8 +462,8 @@ def train_run(args, argv):
                 s.step()
 
             # Validation loss and sample quality, when due; Best and early stopping follow `selection`.
-            record["val_loss"], score = None, None
-            if epoch % args.val_every == 0 or epoch == args.epochs:
+            record["val_loss"], score, marker = None, None, ""
+            if process.main and (epoch % args.val_every == 0 or epoch == args.epochs):
                 val_terms = evaluate(model, val_images, val_labels, args, device)
                 record.update({f"val_{k}": v for k, v in val_terms.items()})
                 writer.add_image("preview", preview(model, fixed_preview, device, args.seed), epoch)
@@ -431,7 +472,6 @@ def train_run(args, argv):
                 metrics = quality(model, device)
                 record.update({k: v for k, v in metrics.items() if not k.endswith("_std")})
                 score = metrics[selection] if by_quality else score
-            marker = ""
             if score is not None:
                 if score < best:
                     best, bad_validations, marker = score, 0, " *best*"
@@ -439,19 +479,22 @@ def train_run(args, argv):
                     bad_validations += 1
             record["seconds"] = time.perf_counter() - started
             record["cpu_seconds"] = time.process_time() - cpu_started
+            best, bad_validations, marker = synchronise(process, best, bad_validations, marker)
 
             # Log and save: the line, the scalars and the history all come from the record.
             history.append(record)
-            print(epoch_line(record, marker), flush=True)
-            for tag, value in tensorboard_scalars(record):
-                writer.add_scalar(tag, value, epoch)
+            if process.main:
+                print(epoch_line(record, marker), flush=True)
+                for tag, value in tensorboard_scalars(record):
+                    writer.add_scalar(tag, value, epoch)
             if marker:
                 save(best_path, epoch)
             save(last_path, epoch)
             completed = epoch
             if bad_validations >= args.patience:
-                print(f"# early stop: no new best {selection} in {args.patience} validations; best {best:.6g}",
-                      flush=True)
+                if process.main:
+                    print(f"# early stop: no new best {selection} in {args.patience} validations; best {best:.6g}",
+                          flush=True)
                 break
     except KeyboardInterrupt:
         # The epoch in progress is dropped: Last stays the end of the previous epoch, so --resume is exact.
@@ -461,9 +504,41 @@ def train_run(args, argv):
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except Exception as err:
+        if args.compile and type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise UserError(f"--compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                            "drop --compile") from err
+        raise
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     return model, best
+
+
+def train_epoch(model, optimizers, images, labels, args, shuffle_rng, process, device, desc):
+    """One pass over this process's share of the images; the mean of each training term over all processes."""
+    sums, count = {}, 0
+    batches = common.iterate_batches(images, labels, args.batch_size, shuffle_rng, args.flip, rank=process.rank,
+                                     world=process.world)
+    for x, y in tqdm(batches, total=math.ceil(len(images) // process.world / args.batch_size), desc=desc,
+                     leave=False, file=sys.stderr, disable=None if process.main else True):
+        terms = model.train_step(x.to(device), y.to(device), optimizers)
+        for k, v in terms.items():   # summed as tensors: no device sync per step
+            sums[k] = sums.get(k, 0.0) + v.detach().float() * len(x)
+        count += len(x)
+    totals = torch.stack([*sums.values(), torch.tensor(float(count), device=device)])
+    if process.world > 1:
+        torch.distributed.all_reduce(totals)
+    return {f"train_{k}": float(v) / float(totals[-1]) for k, v in zip(sums, totals)}
+
+
+def compile_networks(groups):
+    """torch.compile each trained network in place (the state dict's names stay); compiling happens at the first
+    step, where a failure becomes one line (train_run)."""
+    if not hasattr(torch, "compile") or not torch._dynamo.is_dynamo_supported():
+        raise UserError("--compile needs torch.compile, which this Python or platform does not support; drop --compile")
+    for module in groups.values():
+        module.compile()
 
 
 if __name__ == "__main__":
