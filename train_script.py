@@ -7,6 +7,7 @@ TensorBoard scalars and the checkpoint's history are all derived from it. stdout
 time <s>s [*best*]`, and lines starting with `#` for run information; the progress bar goes to stderr.
 models/Best_<run>.pth is written on each new best, models/Last_<run>.pth at the end of every epoch; `--resume`
 continues from Last exactly where it stopped. An existing run is never replaced without `--overwrite`.
+A new run's settings go to <models-dir>/<run>.toml, which `--config` reads back (see config_file.py).
 """
 import argparse
 import dataclasses
@@ -19,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import config_file
 import contract
 import conv_ae
 import ddpm
@@ -44,13 +46,16 @@ COMMON_DEFAULTS = dict(epochs=20, batch_size=16, lr=1e-3, lr_decay=1.0, lr_decay
                        flip=False, fid_every=0, adam_beta1=0.9)
 # What --resume may change; every other flag comes back from the checkpoint.
 CHANGEABLE_ON_RESUME = {"epochs", "patience", "device", "resume", "overwrite", "model", "run_name", "models_dir",
-                        "log_dir"}
+                        "log_dir", "config"}
 
 
 def build_parser(model_name=None, add_help=True):
     parser = common.ArgumentParser(description=__doc__.split("\n")[0], add_help=add_help,
                                    epilog=None if model_name else "`--model X --help` lists the flags of model X")
-    parser.add_argument("--model", required=add_help, choices=list(MODELS), help="which model to train")
+    parser.add_argument("--model", required=add_help and model_name is None, choices=list(MODELS),
+                        help="which model to train")
+    parser.add_argument("--config", default=None, help="a TOML file of flag values (see config_file.py and configs/); "
+                        "flags given on the command line override it (default: none)")
     if model_name is None:
         return parser
     module = MODELS[model_name]
@@ -116,7 +121,14 @@ def build_parser(model_name=None, add_help=True):
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     known, _ = build_parser(add_help=False).parse_known_args(argv)
-    args = build_parser(known.model).parse_args(argv)
+    from_file = config_file.read(known.config) if known.config else {}
+    # The file's values become the parser's defaults, so a flag on the command line wins; the model may come from it.
+    model = known.model or config_file.parser_values(build_parser(add_help=False), from_file, known.config,
+                                                     keys=["model"]).get("model")
+    parser = build_parser(model)
+    if model is not None:
+        parser.set_defaults(**config_file.parser_values(parser, from_file, known.config))
+    args = parser.parse_args(argv)
     args.run_name = args.run_name or args.model
     if args.resume and args.overwrite:
         raise UserError("--resume continues a run and --overwrite replaces it; pass one of them")
@@ -240,18 +252,20 @@ def checkpoint_state(args, model, optimizers, schedulers, data, epoch, best, bad
 
 def resume_settings(args, ckpt, argv):
     """On --resume, the run's own settings come back from Last; only CHANGEABLE_ON_RESUME may be changed. Any
-    other explicit flag that disagrees is an error, not silently ignored."""
+    other explicit flag (on the command line or in --config's file) that disagrees is an error, not silently ignored."""
     saved = {**ckpt["train_args"], **ckpt["config"]}
+    in_file = config_file.read(args.config) if args.config else {}
     for key, value in saved.items():
         if key in CHANGEABLE_ON_RESUME:
             continue
         flag = "--" + key.replace("_", "-")
-        given = any(a == flag or a.startswith(flag + "=") for a in argv)
+        on_command_line = any(a == flag or a.startswith(flag + "=") for a in argv)
         current = getattr(args, key, None)
         current = list(current) if isinstance(current, tuple) else current
         value = list(value) if isinstance(value, tuple) else value
-        if given and current != value:
-            raise UserError(f"--resume continues a run that used {flag} {value}; drop {flag} {current} "
+        if (on_command_line or key in in_file) and current != value:
+            where = "" if on_command_line else f" (from {args.config})"
+            raise UserError(f"--resume continues a run that used {flag} {value}; drop {flag} {current}{where} "
                             "or start a new run with another --run-name")
         setattr(args, key, value)
 
@@ -284,12 +298,13 @@ def train(argv=None):
     args = parse_args(argv)
     result = None
     for run_args in contract.runs(MODELS[args.model], args):
-        result = train_run(run_args, argv)
+        result = train_run(run_args, argv, settings=args)
     return result
 
 
-def train_run(args, argv):
-    """One run: models/Best_<run>.pth and Last_<run>.pth. Returns (model, best metric)."""
+def train_run(args, argv, settings=None):
+    """One run: models/Best_<run>.pth and Last_<run>.pth, and, when it is new, <run>.toml: `settings` (default:
+    args), the flags that started it, which --config reproduces. Returns (model, best metric)."""
     module = MODELS[args.model]
     models_dir = common.output_dir(args.models_dir, "--models-dir")
     last_path, best_path = models_dir / f"Last_{args.run_name}.pth", models_dir / f"Best_{args.run_name}.pth"
@@ -304,6 +319,11 @@ def train_run(args, argv):
             raise UserError(f"'{last_path}' holds a {ckpt.get('model')} model, not {args.model}")
         resume_settings(args, ckpt, argv)
     refuse_to_replace(args, best_path, last_path)
+    if ckpt is None:   # a model trained in stages (LDM) gets the flags of all its stages, which reproduce it
+        config_file.write_settings(models_dir / f"{args.run_name}.toml", vars(settings or args),
+                                   [f"The settings that started the run '{args.run_name}' (train_script.py); again:",
+                                    f"python train_script.py --config {models_dir / args.run_name}.toml "
+                                    "--run-name NEW (or --overwrite)"])
     log_dir = common.output_dir(Path(args.log_dir) / args.run_name, "--log-dir")
 
     # Data: decoded once, in memory; the 80/20 split is fixed by --seed.
