@@ -8,7 +8,9 @@ like N(0, I), which is why its samples are mostly noise and the VAE's are not.
 validation images, class proportions matched for a conditional model, both sets quantised to uint8 and
 preprocessed alike; prints FID and KID (or FD_eval, KID_eval and the class accuracy of conditional samples with
 `--fid-features evaluator`). Without --fid-features it measures with the features the run was trained with
-(`auto` for the GAN: FID if the Inception weights are here, else the offline evaluator).
+(`auto` for the GAN: FID if the Inception weights are here, else the offline evaluator). One more line is the
+memorisation check of the picture's --n samples (memorisation.py): how many lie closer to a training image than
+95% of validation images do.
 """
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from PIL import Image
 
 import common
 import fid
+import memorisation
 from common import UserError
 from train_script import MODELS, checkpoint_data, load_model
 
@@ -61,7 +64,7 @@ def main():
     path = common.save_image_grid(images.cpu(), out)
     print(f"wrote {path}")
     if args.fid:
-        report_sample_quality(model, ckpt, args, device)
+        report_sample_quality(model, ckpt, args, device, images)
 
 
 def class_index(label, names):
@@ -90,15 +93,20 @@ def sample_options(model, ckpt, args, device):
     return options
 
 
-def report_sample_quality(model, ckpt, args, device):
-    """The checkpoint's own validation split is the reference: same data, size, channels and seed."""
+def report_sample_quality(model, ckpt, args, device, images):
+    """The checkpoint's own validation split is the reference: same data, size, channels and seed. Then the
+    memorisation check of the picture's samples (`images`), in pixels and, with --fid-features evaluator, in its
+    features."""
     data_name, size = ckpt["train_args"]["data"], ckpt["image_shape"][1]
     args.fid_features = args.fid_features or ckpt["train_args"].get("fid_features", ["inception"])
-    data, _, val_idx = checkpoint_data(ckpt)
+    data, train_idx, val_idx = checkpoint_data(ckpt)
     quality = fid.SampleQuality(fid.extractors_from_args(args, data_name, size, device), data.images[val_idx],
                                 data.labels[val_idx], seed=args.seed)
     print(f"{fid.format_metrics(quality(model, device))} ({len(val_idx)} samples vs the {len(val_idx)} "
           f"validation images of {data_name} at {size}x{size})")
+    evaluator = next((e for e in quality.extractors if e.kind == "evaluator"), None)
+    print(memorisation.summary(memorisation.check(fid.quantize(images), data.images[train_idx], data.images[val_idx],
+                                                  evaluator)))
 
 
 if __name__ == "__main__":
