@@ -13,6 +13,8 @@ prints FID and KID (or FD_eval, KID_eval and the accuracy of conditional samples
 evaluator`). Without --fid-features it measures with the features the run was trained with (`auto` for the GAN:
 FID if the Inception weights are here, else the offline evaluator). With --labels it also prints the accuracy
 of the samples drawn for the file's label sets, and with --layouts their mean IoU (the evaluators of fid.py).
+One more line is the memorisation check of the picture's --n samples (memorisation.py): how many
+lie closer to a training image than 95% of validation images do.
 """
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from PIL import Image
 
 import common
 import fid
+import memorisation
 import scenes
 from common import UserError
 from segmenter import mean_iou, read_layouts
@@ -119,17 +122,18 @@ def report_sample_quality(model, ckpt, args, device, images, options):
     asked = options.pop("labels", None)
     data_name, size = ckpt["train_args"]["data"], ckpt["image_shape"][1]
     args.fid_features = args.fid_features or ckpt["train_args"].get("fid_features", ["inception"])
-    data, _, val_idx = checkpoint_data(ckpt)
+    data, train_idx, val_idx = checkpoint_data(ckpt)
     conditions = data.conditions(model.condition or "class")[0]
     quality = fid.sample_quality(args, data_name, size, data, data.images[val_idx], conditions[val_idx],
                                  model.condition, device, seed=args.seed, sample_kwargs=options)
     print(f"{fid.format_metrics(quality(model, device))} ({len(val_idx)} samples vs the {len(val_idx)} "
           f"validation images of {data_name} at {size}x{size})")
     fake = fid.quantize(images)
+    evaluator = next((e for e, _ in quality.real if e.kind == "evaluator"), None)
+    print(memorisation.summary(memorisation.check(fake, data.images[train_idx], data.images[val_idx], evaluator)))
     if args.labels is not None:
-        evaluators = [e for e, _ in quality.real if e.kind == "evaluator"]
-        if evaluators:
-            score = fid.accuracy(evaluators[0].classifier, fake, asked.cpu())
+        if evaluator is not None:
+            score = fid.accuracy(evaluator.classifier, fake, asked.cpu())
             print(f"accuracy_eval {score:.4f} on the {len(fake)} label sets of {args.labels}")
     if args.layouts is not None:
         miou = mean_iou(read_layouts(quality.segmenter, fake), asked.cpu(), quality.segmenter.num_labels)

@@ -7,6 +7,7 @@ TensorBoard scalars and the checkpoint's history are all derived from it. stdout
 time <s>s [*best*]`, and lines starting with `#` for run information; the progress bar goes to stderr.
 models/Best_<run>.pth is written on each new best, models/Last_<run>.pth at the end of every epoch; `--resume`
 continues from Last exactly where it stopped. An existing run is never replaced without `--overwrite`.
+A new run's settings go to <models-dir>/<run>.toml, which `--config` reads back (see config_file.py).
 """
 import argparse
 import dataclasses
@@ -19,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import config_file
 import contract
 import conv_ae
 import ddpm
@@ -47,13 +49,17 @@ COMMON_DEFAULTS = dict(epochs=20, batch_size=16, lr=1e-3, lr_decay=1.0, lr_decay
                        flip=False, fid_every=0, adam_beta1=0.9)
 # What --resume may change; every other flag comes back from the checkpoint.
 CHANGEABLE_ON_RESUME = {"epochs", "patience", "device", "resume", "overwrite", "model", "run_name", "models_dir",
-                        "log_dir", "compile", "grad_accum"}
+                        "log_dir", "compile", "grad_accum",
+                        "config"}
 
 
 def build_parser(model_name=None, add_help=True):
     parser = common.ArgumentParser(description=__doc__.split("\n")[0], add_help=add_help,
                                    epilog=None if model_name else "`--model X --help` lists the flags of model X")
-    parser.add_argument("--model", required=add_help, choices=list(MODELS), help="which model to train")
+    parser.add_argument("--model", required=add_help and model_name is None, choices=list(MODELS),
+                        help="which model to train")
+    parser.add_argument("--config", default=None, help="a TOML file of flag values (see config_file.py and configs/); "
+                        "flags given on the command line override it (default: none)")
     if model_name is None:
         return parser
     module = MODELS[model_name]
@@ -133,7 +139,14 @@ def build_parser(model_name=None, add_help=True):
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     known, _ = build_parser(add_help=False).parse_known_args(argv)
-    args = build_parser(known.model).parse_args(argv)
+    from_file = config_file.read(known.config) if known.config else {}
+    # The file's values become the parser's defaults, so a flag on the command line wins; the model may come from it.
+    model = known.model or config_file.parser_values(build_parser(add_help=False), from_file, known.config,
+                                                     keys=["model"]).get("model")
+    parser = build_parser(model)
+    if model is not None:
+        parser.set_defaults(**config_file.parser_values(parser, from_file, known.config))
+    args = parser.parse_args(argv)
     args.run_name = args.run_name or args.model
     if args.resume and args.overwrite:
         raise UserError("--resume continues a run and --overwrite replaces it; pass one of them")
@@ -274,18 +287,20 @@ def checkpoint_state(args, model, optimizers, schedulers, data, condition, names
 
 def resume_settings(args, ckpt, argv):
     """On --resume, the run's own settings come back from Last; only CHANGEABLE_ON_RESUME may be changed. Any
-    other explicit flag that disagrees is an error, not silently ignored."""
+    other explicit flag (on the command line or in --config's file) that disagrees is an error, not silently ignored."""
     saved = {**ckpt["train_args"], **ckpt["config"]}
+    in_file = config_file.read(args.config) if args.config else {}
     for key, value in saved.items():
         if key in CHANGEABLE_ON_RESUME:
             continue
         flag = "--" + key.replace("_", "-")
-        given = any(a == flag or a.startswith(flag + "=") for a in argv)
+        on_command_line = any(a == flag or a.startswith(flag + "=") for a in argv)
         current = getattr(args, key, None)
         current = list(current) if isinstance(current, tuple) else current
         value = list(value) if isinstance(value, tuple) else value
-        if given and current != value:
-            raise UserError(f"--resume continues a run that used {flag} {value}; drop {flag} {current} "
+        if (on_command_line or key in in_file) and current != value:
+            where = "" if on_command_line else f" (from {args.config})"
+            raise UserError(f"--resume continues a run that used {flag} {value}; drop {flag} {current}{where} "
                             "or start a new run with another --run-name")
         setattr(args, key, value)
 
@@ -323,16 +338,17 @@ def train(argv=None):
     result = None
     try:
         for run_args in contract.runs(MODELS[args.model], args):
-            result = train_run(run_args, argv, process, device)
+            result = train_run(run_args, argv, process, device, settings=args)
     finally:
         if process.world > 1:
             torch.distributed.destroy_process_group()
     return result
 
 
-def open_run(args, argv, process):
+def open_run(args, argv, process, settings=None):
     """The run's checkpoint paths and, with --resume, its Last (whose settings replace the flags); refuses to replace
-    an existing run. Returns (best_path, last_path, checkpoint or None)."""
+    an existing run. A new run's `settings` (default: args), the flags that started it, go to <run>.toml, which
+    --config reproduces. Returns (best_path, last_path, checkpoint or None)."""
     models_dir = common.output_dir(args.models_dir, "--models-dir")
     last_path, best_path = models_dir / f"Last_{args.run_name}.pth", models_dir / f"Best_{args.run_name}.pth"
     ckpt = None
@@ -347,6 +363,11 @@ def open_run(args, argv, process):
     refuse_to_replace(args, best_path, last_path, remove=process.main)   # every process reads; rank 0 removes
     if process.main:
         common.remove_stale_temporaries(best_path, last_path)
+        if ckpt is None:   # a model trained in stages (LDM) gets the flags of all its stages, which reproduce it
+            config_file.write_settings(models_dir / f"{args.run_name}.toml", vars(settings or args),
+                                       [f"The settings that started the run '{args.run_name}' (train_script.py); "
+                                        f"again:", f"python train_script.py --config {models_dir / args.run_name}.toml "
+                                        "--run-name NEW (or --overwrite)"])
     return best_path, last_path, ckpt
 
 
@@ -358,11 +379,11 @@ def synchronise(process, *values):
     return tuple(values)
 
 
-def train_run(args, argv, process, device):
+def train_run(args, argv, process, device, settings=None):
     """One run: models/Best_<run>.pth and Last_<run>.pth. Returns (model, best metric). With several processes,
     each trains on its share of every batch of images; rank 0 alone validates, measures, logs and saves."""
     module = MODELS[args.model]
-    best_path, last_path, ckpt = open_run(args, argv, process)
+    best_path, last_path, ckpt = open_run(args, argv, process, settings)
     synchronise(process)   # the others wait while rank 0 cleans the folder
     log_dir = common.output_dir(Path(args.log_dir) / args.run_name, "--log-dir") if process.main else None
 
