@@ -22,8 +22,8 @@ def build(image_shape=(3, 24, 24), num_classes=1, **config):
     return gan.Model(gan.Config(**{**TINY, **config}), image_shape, num_classes)
 
 
-def optimizers(model, lr=2e-4):
-    args = argparse.Namespace(optimizer="adam", lr=lr, adam_beta1=0.5, weight_decay=0.0)
+def optimizers(model, lr=2e-4, betas=(0.5, 0.999)):
+    args = argparse.Namespace(optimizer="adam", lr=lr, adam_beta1=betas[0], adam_beta2=betas[1], weight_decay=0.0)
     groups = model.parameter_groups()
     return contract.Optimizers({name: train_script.make_optimizer(m, args) for name, m in groups.items()}, groups)
 
@@ -108,6 +108,9 @@ def test_train_step_updates_both_networks_and_reports_the_terms():
     assert opts["generator"].param_groups[0]["betas"] == (0.5, 0.999)   # DCGAN's Adam, from TRAIN_DEFAULTS
     assert train_script.parse_args(["--model", "GAN"]).adam_beta1 == 0.5
     assert train_script.parse_args(["--model", "VAE"]).adam_beta1 == 0.9
+    args = train_script.parse_args(["--model", "GAN", "--adam-beta1", "0", "--adam-beta2", "0.9"])
+    assert train_script.make_optimizer(model.generator, args).param_groups[0]["betas"] == (0.0, 0.9)
+    assert train_script.parse_args(["--model", "GAN"]).adam_beta2 == 0.999
 
 
 def test_ema_update_math():
