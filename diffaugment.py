@@ -14,6 +14,9 @@ The policies of `--augment`, as in the paper, on images in [-1, 1] (S x S), one 
                  contrast     m + c (x - m)            c ~ U(1/2, 3/2), m the image's mean
     translation  x shifted by (dy, dx), each an integer ~ U{-S/8, ..., S/8}; pixels shifted in are 0
     cutout       0 on a square of side S/2 centred on a uniform pixel (the part inside the image)
+
+With ADA (Karras et al. 2020, "Training Generative Adversarial Networks with Limited Data"), each of these five
+transforms applies to each image with probability p, which the GAN adapts during training; DiffAugment is p = 1.
 """
 import torch
 import torch.nn.functional as F
@@ -41,7 +44,8 @@ def contrast(x, c):
 
 
 def translate(x, shift):
-    """out[i, :, r, c] = x[i, :, r - dy_i, c - dx_i], 0 where that pixel is outside the image; shift (B, 2) = (dy, dx)."""
+    """out[i, :, r, c] = x[i, :, r - dy_i, c - dx_i], 0 where that pixel is outside the image; shift (B, 2) holds
+    (dy_i, dx_i)."""
     n, _, height, width = x.shape
     pad = int(shift.abs().max())
     padded = F.pad(x, (pad, pad, pad, pad))                               # (B, C, H + 2 pad, W + 2 pad)
@@ -63,21 +67,34 @@ def cut_out(x, top_left, side):
 
 # -- the random policies ---------------------------------------------------------------------------------------
 
-def random_color(x, generator=None):
-    def uniform(low, high):
-        return low + (high - low) * torch.rand(len(x), generator=generator, device=x.device)
-    return contrast(saturation(brightness(x, uniform(-0.5, 0.5)), uniform(0, 2)), uniform(0.5, 1.5))
+def with_probability(p, drawn, identity, generator=None):
+    """ADA: image i keeps its drawn parameter with probability p, else gets the identity's; p = 1 draws nothing."""
+    if p >= 1:
+        return drawn
+    applies = torch.rand(len(drawn), generator=generator, device=drawn.device) < p
+    return torch.where(applies.view(-1, *[1] * (drawn.dim() - 1)), drawn, identity)
 
 
-def random_translation(x, generator=None):
+def random_color(x, p=1.0, generator=None):
+    def uniform(low, high, identity):
+        drawn = low + (high - low) * torch.rand(len(x), generator=generator, device=x.device)
+        return with_probability(p, drawn, identity, generator)
+    x = brightness(x, uniform(-0.5, 0.5, identity=0.0))
+    x = saturation(x, uniform(0, 2, identity=1.0))
+    return contrast(x, uniform(0.5, 1.5, identity=1.0))
+
+
+def random_translation(x, p=1.0, generator=None):
     limit = x.shape[2] // 8
-    return translate(x, torch.randint(-limit, limit + 1, (len(x), 2), generator=generator, device=x.device))
+    shift = torch.randint(-limit, limit + 1, (len(x), 2), generator=generator, device=x.device)
+    return translate(x, with_probability(p, shift, 0, generator))
 
 
-def random_cutout(x, generator=None):
+def random_cutout(x, p=1.0, generator=None):
     side = x.shape[2] // 2
     centre = torch.randint(0, x.shape[2], (len(x), 2), generator=generator, device=x.device)
-    return cut_out(x, centre - side // 2, side)
+    top_left = with_probability(p, centre - side // 2, -side, generator)   # identity: the square above-left of the image
+    return cut_out(x, top_left, side)
 
 
 POLICIES = {"color": random_color, "translation": random_translation, "cutout": random_cutout}
@@ -93,8 +110,9 @@ def parse_policy(text):
     return names
 
 
-def diff_augment(x, policy, generator=None):
-    """T(x): the policies in order, each with fresh random parameters per image; () is the identity."""
+def diff_augment(x, policy, p=1.0, generator=None):
+    """T(x): the policies in order, each with fresh random parameters per image, each transform applied with
+    probability p (ADA; 1: always, DiffAugment); () is the identity."""
     for name in policy:
-        x = POLICIES[name](x, generator)
+        x = POLICIES[name](x, p, generator)
     return x

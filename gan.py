@@ -12,7 +12,9 @@ named after its paper:
   Normalization for Generative Adversarial Networks"), and the rest of SN-GAN's recipe as separate flags:
   n_dis D steps per G step (--d-steps 5) and Adam(2e-4, betas (0, 0.9)) (--adam-beta1 0 --adam-beta2 0.9);
 - DiffAugment (Zhao et al. 2020, "Differentiable Augmentation for Data-Efficient GAN Training";
-  diffaugment.py): D sees real and generated images through the same random differentiable transforms;
+  diffaugment.py): D sees real and generated images through the same random differentiable transforms,
+  each applied with a probability p that ADA (Karras et al. 2020, "Training Generative Adversarial Networks
+  with Limited Data") adapts to how sure D is of the real images;
 - the R1 gradient penalty on real images (Mescheder et al. 2018, "Which Training Methods for GANs do
   actually Converge?"), optionally lazy (Karras et al. 2020, "Analyzing and Improving the Image Quality of
   StyleGAN");
@@ -69,6 +71,10 @@ class Config:
     augment: str = option("", "DiffAugment (Zhao et al. 2020): every image D sees, real or generated, goes through "
                               "these random differentiable transforms, comma-separated among color, translation, "
                               "cutout; '': none")
+    ada_target: float = option(0.0, "ADA (Karras et al. 2020): each --augment transform applies with probability p, "
+                                    "raised while r_t = E[sign(D(x))] on real images is above this target and "
+                                    "lowered while below (ADA: 0.6); 0: off, p = 1", low=0, high=1)
+    ada_images: int = option(50_000, "ADA: training images over which p can move from 0 to 1 (ADA: 500,000)", low=1)
     r1_gamma: float = option(0.0, "R1 penalty (Mescheder et al. 2018): D's loss += gamma/2 E ||grad_x D(x)||^2 on "
                                   "real images; 0: off", low=0)
     r1_every: int = option(1, "lazy R1 (Karras et al. 2020, StyleGAN2): the penalty on every N-th D step only, "
@@ -82,9 +88,10 @@ class Config:
 
 
 def count_from_zero_in_older_checkpoints(module, state_dict, prefix, *args):
-    """A checkpoint saved before Model counted D updates has none: count them from 0 (only --d-steps > 1 and
-    lazy R1 read the count)."""
+    """A checkpoint saved before Model counted D updates and adapted p has neither: count from 0 (only
+    --d-steps > 1 and lazy R1 read the count), p = 1 (only --augment reads it)."""
     state_dict.setdefault(prefix + "d_updates", torch.zeros((), dtype=torch.long))
+    state_dict.setdefault(prefix + "ada_p", torch.tensor(1.0))
 
 
 def size_plan(size):
@@ -204,10 +211,13 @@ class Model(GenerativeModel):
         self.generator = Generator(config, channels, height, self.num_classes)
         self.discriminator = Discriminator(config, channels, height, self.num_classes)
         self.augment_policy = parse_policy(config.augment)
+        if config.ada_target > 0 and not self.augment_policy:
+            raise UserError("--ada-target adapts the probability of the --augment transforms; pass --augment too")
         self.init_ema("generator", config.ema_decay)   # sampling uses these weights, BatchNorm statistics included
         self.register_buffer("d_won_steps", torch.zeros((), dtype=torch.long))   # steps in a row that D won
         # D updates so far: which steps update G (--d-steps) and carry lazy R1 (--r1-every), the same after --resume
         self.register_buffer("d_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ada_p", torch.tensor(0.0 if config.ada_target > 0 else 1.0))   # ADA starts at p = 0
         self.register_load_state_dict_pre_hook(count_from_zero_in_older_checkpoints)
 
     @property
@@ -229,8 +239,9 @@ class Model(GenerativeModel):
                 "D_x": torch.sigmoid(real_logits).mean(), "D_G_z": torch.sigmoid(fake_logits).mean()}
 
     def judge(self, images, labels, generator=None):
-        """D(T(images)): D's logits on what it sees, images in [-1, 1] augmented by --augment (T = identity without)."""
-        return self.discriminator(diff_augment(images, self.augment_policy, generator), labels)
+        """D(T(images)): D's logits on what it sees, images in [-1, 1] augmented by --augment (T = identity without),
+        each transform with probability p."""
+        return self.discriminator(diff_augment(images, self.augment_policy, float(self.ada_p), generator), labels)
 
     def loss(self, x, y=None, generator=None):
         """Both losses on a batch without an update (validation: eval mode, so the EMA G; fixed noise and fixed
@@ -257,6 +268,8 @@ class Model(GenerativeModel):
                        else torch.zeros((), device=real.device))
             terms["r1"] = penalty
             loss_d = loss_d + penalty
+        if self.config.ada_target > 0:
+            terms["ada_r"] = real_logits.detach().sign().mean()      # r_t = E[sign(D(x))], x real
         return {"loss": loss_d, **terms}
 
     def generator_terms(self, z, labels):
@@ -264,13 +277,18 @@ class Model(GenerativeModel):
 
     def train_step(self, x, y, optimizers):
         """One D step on this batch and as many generated images; on every d_steps-th call, then one G step on the
-        same z (SN-GAN's n_dis D steps per G step, each D step on its own real batch: the loop's batches as they come)."""
+        same z: SN-GAN's n_dis D steps per G step, each D step on its own real batch (the loop's, as they come)."""
         real, labels = x * 2 - 1, (y if self.conditional else None)                 # [0, 1] -> [-1, 1]
         z = self.noise(len(x))
         # (1) Update D: minimise discriminator_loss on T(real images) and T(G(z)), for the real batch's labels
         penalise = self.config.r1_gamma > 0 and int(self.d_updates) % self.config.r1_every == 0
-        d_terms = optimizers.step("discriminator", partial(self.discriminator_terms, penalise=penalise), real, z, labels)
+        d_step = partial(self.discriminator_terms, penalise=penalise)
+        d_terms = optimizers.step("discriminator", d_step, real, z, labels)
         self.d_updates += 1
+        if self.config.ada_target > 0:   # p <- clip(p + sign(r_t - target) B / ada_images, 0, 1), each D step
+            step = len(x) / self.config.ada_images * torch.sign(d_terms["ada_r"] - self.config.ada_target)
+            self.ada_p.copy_((self.ada_p + step).clamp(0, 1))
+            d_terms["ada_p"] = self.ada_p.clone()
         # (2) Update G: minimise generator_loss, D's verdict on T(G(z))
         if int(self.d_updates) % self.config.d_steps == 0:
             optimizers.step("generator", self.generator_terms, z, labels)

@@ -236,11 +236,13 @@ def test_colour_transforms_match_their_definitions_per_pixel():
             for c in range(5):
                 pixel, f = x[i, :, r, c], float(factors[i])
                 grey = sum(pixel.tolist()) / 3            # saturation: towards the pixel's channel mean
-                assert torch.allclose(diffaugment.saturation(x, factors)[i, :, r, c], grey + f * (pixel - grey), atol=1e-6)
+                saturated = diffaugment.saturation(x, factors)[i, :, r, c]
+                assert torch.allclose(saturated, grey + f * (pixel - grey), atol=1e-6)
                 assert torch.allclose(diffaugment.brightness(x, factors)[i, :, r, c], pixel + f)
         mean = sum(x[i].flatten().tolist()) / x[i].numel()   # contrast: towards the image's mean
         assert torch.allclose(diffaugment.contrast(x, factors)[i], mean + float(factors[i]) * (x[i] - mean), atol=1e-6)
-    assert torch.allclose(diffaugment.saturation(x, torch.ones(2)), x) and torch.allclose(diffaugment.contrast(x, torch.ones(2)), x)
+    assert torch.allclose(diffaugment.saturation(x, torch.ones(2)), x)
+    assert torch.allclose(diffaugment.contrast(x, torch.ones(2)), x)
 
 
 def test_translation_shifts_by_the_given_pixels_with_zero_padding():
@@ -259,7 +261,7 @@ def test_translation_shifts_by_the_given_pixels_with_zero_padding():
 def test_cutout_zeroes_exactly_the_given_box_clipped_to_the_image():
     x = torch.rand(2, 3, 6, 6) + 1                            # no zeros of its own
     out = diffaugment.cut_out(x, torch.tensor([[1, 2], [-2, 4]]), side=3)
-    boxes = [(range(1, 4), range(2, 5)), (range(0, 1), range(4, 6))]   # the second clipped at the top and right
+    boxes = [(range(1, 4), range(2, 5)), (range(1), range(4, 6))]   # the second clipped at the top and right
     for i, (rows, cols) in enumerate(boxes):
         for r in range(6):
             for c in range(6):
@@ -270,18 +272,18 @@ def test_cutout_zeroes_exactly_the_given_box_clipped_to_the_image():
 def test_random_policies_draw_within_the_papers_ranges():
     size, generator = 16, torch.Generator().manual_seed(0)
     x = torch.rand(64, 1, size, size, generator=generator) + 1
-    moved = diffaugment.random_translation(x, generator)
+    moved = diffaugment.random_translation(x, generator=generator)
     limit = size // 8
     shifts = [(dy, dx) for dy in range(-limit, limit + 1) for dx in range(-limit, limit + 1)]
     found = [next(s for s in shifts if torch.equal(moved[i], diffaugment.translate(x[i:i + 1], torch.tensor([s]))[0]))
              for i in range(64)]   # StopIteration if an image moved further than S/8
     assert len(set(found)) > 10
-    holes = diffaugment.random_cutout(x, generator)[:, 0] == 0                 # (64, S, S)
+    holes = diffaugment.random_cutout(x, generator=generator)[:, 0] == 0       # (64, S, S)
     rows, cols = holes.any(dim=2), holes.any(dim=1)
     assert torch.equal(holes, rows[:, :, None] & cols[:, None, :])             # one box per image
     assert rows.sum(1).max() == size // 2 and rows.sum(1).min() >= size // 4   # side S/2, at least half inside
     grey = torch.zeros(200, 3, 2, 2)
-    brightened = diffaugment.random_color(grey, generator)   # b ~ U(-1/2, 1/2); a constant image keeps its colour
+    brightened = diffaugment.random_color(grey, generator=generator)   # b ~ U(-1/2, 1/2): grey stays grey
     assert brightened.abs().max() <= 0.5 and brightened.min() < -0.4 and brightened.max() > 0.4
 
 
@@ -361,23 +363,63 @@ def test_d_steps_five_makes_five_d_updates_per_g_update():
     assert d_steps == {10} and g_steps == {2} and int(model.ema_updates) == 2 and int(model.d_updates) == 10
 
 
-def test_checkpoints_without_the_d_update_count_still_load():
-    model = build()
-    state = {k: v for k, v in model.state_dict().items() if k != "d_updates"}
-    build().load_state_dict(state)   # strict: the count starts at 0
+def test_checkpoints_without_the_d_update_count_and_ada_p_still_load():
+    state = {k: v for k, v in build().state_dict().items() if k not in ("d_updates", "ada_p")}
+    model = build(augment="translation")
+    model.load_state_dict(state)   # strict
+    assert int(model.d_updates) == 0 and float(model.ada_p) == 1.0
+
+
+# -- ADA -------------------------------------------------------------------------------------------------------
+
+def test_ada_applies_each_transform_with_probability_p():
+    x = torch.rand(2000, 1, 8, 8) + 1
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(diffaugment.diff_augment(x, tuple(diffaugment.POLICIES), 0.0, generator), x)   # p = 0: none
+    holes = (diffaugment.random_cutout(x, 0.3, generator) == 0).flatten(1).any(dim=1)
+    assert abs(holes.float().mean() - 0.3) < 0.04                     # binomial: 4 standard deviations is 0.041
+    grey = torch.zeros(2000, 3, 2, 2)                                 # colour: only brightness moves a grey image
+    moved = diffaugment.random_color(grey, 0.3, generator).flatten(1).any(dim=1)
+    assert abs(moved.float().mean() - 0.3) < 0.04
+
+
+class ConstantD(torch.nn.Module):
+    """D(x) = c for every image: r_t = sign(c)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.tensor(float(c)))
+
+    def forward(self, x, labels=None):
+        return self.c.expand(len(x))
+
+
+def test_ada_raises_p_while_r_t_is_above_the_target_and_lowers_it_while_below():
+    model = build((3, 8, 8), augment="translation", ada_target=0.6, ada_images=40, divergence_steps=0)
+    assert float(model.ada_p) == 0.0
+    model.discriminator = ConstantD(5.0)                            # r_t = 1 > 0.6: p += B / ada_images
+    opts = optimizers(model, lr=0.0)
+    ps = [float(model.train_step(torch.rand(8, 3, 8, 8), None, opts)["ada_p"]) for _ in range(6)]
+    assert ps == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])      # clipped at 1
+    model.discriminator.c.data.fill_(-5.0)                          # r_t = -1 < 0.6: p -= B / ada_images
+    terms = model.train_step(torch.rand(4, 3, 8, 8), None, opts)
+    assert float(terms["ada_p"]) == pytest.approx(0.9) and float(terms["ada_r"]) == -1.0
+    with pytest.raises(UserError, match="pass --augment"):
+        build(ada_target=0.6)
 
 
 @pytest.mark.parametrize("flags", [
     ["--augment", "color,translation,cutout", "--r1-gamma", "1", "--r1-every", "2"],
-    ["--spectral-norm", "--d-steps", "3", "--adam-beta1", "0", "--adam-beta2", "0.9", "--augment", "translation"],
+    ["--spectral-norm", "--d-steps", "3", "--adam-beta1", "0", "--adam-beta2", "0.9", "--augment", "translation",
+     "--ada-target", "0.6", "--ada-images", "100"],
 ])
 def test_cli_with_the_small_data_flags_trains_and_resumes_exactly(tmp_path, flags):
     data = write_image_folder(tmp_path / "data", per_class=20, size=16, classes=("x", "y"))
 
     def train(folder, *more):
         return train_script.train(["--model", "GAN", "--data", str(data), "--image-size", "8", "--batch-size", "8",
-                                   "--ngf", "4", "--ndf", "4", "--fid-every", "0", "--models-dir", str(folder / "models"),
-                                   "--log-dir", str(folder / "log"), *flags, *more])
+                                   "--ngf", "4", "--ndf", "4", "--fid-every", "0", "--models-dir",
+                                   str(folder / "models"), "--log-dir", str(folder / "log"), *flags, *more])
 
     straight, _ = train(tmp_path / "a", "--epochs", "2")    # 32 training images: 4 D steps an epoch
     train(tmp_path / "b", "--epochs", "1")
@@ -395,3 +437,4 @@ def test_cli_with_the_small_data_flags_trains_and_resumes_exactly(tmp_path, flag
                                                                weights_only=True)["history"]]
     assert untimed[:2] == untimed[2:]
     assert ("train_r1" in untimed[0]) == ("--r1-gamma" in flags)
+    assert ("train_ada_p" in untimed[0]) == ("--ada-target" in flags)
