@@ -9,7 +9,15 @@ named after its paper:
 - the loss: non-saturating (Goodfellow et al. 2014, "Generative Adversarial Nets"; the default) or hinge
   (Lim & Ye 2017, "Geometric GAN"; Miyato et al. 2018);
 - spectral normalisation of D's weights instead of its BatchNorm (Miyato et al. 2018, "Spectral
-  Normalization for Generative Adversarial Networks");
+  Normalization for Generative Adversarial Networks"), and the rest of SN-GAN's recipe as separate flags:
+  n_dis D steps per G step (--d-steps 5) and Adam(2e-4, betas (0, 0.9)) (--adam-beta1 0 --adam-beta2 0.9);
+- DiffAugment (Zhao et al. 2020, "Differentiable Augmentation for Data-Efficient GAN Training";
+  diffaugment.py): D sees real and generated images through the same random differentiable transforms,
+  each applied with a probability p that ADA (Karras et al. 2020, "Training Generative Adversarial Networks
+  with Limited Data") adapts to how sure D is of the real images;
+- the R1 gradient penalty on real images (Mescheder et al. 2018, "Which Training Methods for GANs do
+  actually Converge?"), optionally lazy (Karras et al. 2020, "Analyzing and Improving the Image Quality of
+  StyleGAN");
 - class conditioning when the data has classes: a label embedding joins z in G (Mirza & Osindero 2014,
   "Conditional Generative Adversarial Nets") and D is a projection discriminator (Miyato & Koyama 2018,
   "cGANs with Projection Discriminator");
@@ -28,9 +36,9 @@ completely for --divergence-steps steps in a row; Best is left as it was.
     python train_script.py --model GAN --data ./flowers --conditional --run-name GAN_cond
     python random_generation.py --model GAN --checkpoint models/Best_GAN_cond.pth --class-label calendula
 """
-import copy
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -38,6 +46,7 @@ import torch.nn.functional as F
 
 from common import TrainingDiverged, UserError, option
 from contract import GenerativeModel
+from diffaugment import diff_augment, parse_policy
 
 # DCGAN's optimiser (Adam, lr 2e-4, beta1 0.5) and batch; Best by sample quality every 2 epochs, measured
 # with FID when the Inception weights are present, else with the offline evaluator (fid.py --fid-features auto).
@@ -55,13 +64,34 @@ class Config:
     loss: str = option("nonsaturating", "nonsaturating (Goodfellow et al. 2014) or hinge (Lim & Ye 2017)",
                        choices=LOSSES)
     spectral_norm: bool = option(False, "spectral normalisation of D's weights, instead of its BatchNorm "
-                                        "(Miyato et al. 2018)")
+                                        "(Miyato et al. 2018); it changes no other setting: SN-GAN's own recipe is "
+                                        "--spectral-norm --d-steps 5 --adam-beta1 0 --adam-beta2 0.9")
+    d_steps: int = option(1, "D updates per G update, each on its own batch: G steps every N-th batch (SN-GAN: 5; "
+                             "DCGAN: 1)", low=1)
+    augment: str = option("", "DiffAugment (Zhao et al. 2020): every image D sees, real or generated, goes through "
+                              "these random differentiable transforms, comma-separated among color, translation, "
+                              "cutout; '': none")
+    ada_target: float = option(0.0, "ADA (Karras et al. 2020): each --augment transform applies with probability p, "
+                                    "raised while r_t = E[sign(D(x))] on real images is above this target and "
+                                    "lowered while below (ADA: 0.6); 0: off, p = 1", low=0, high=1)
+    ada_images: int = option(50_000, "ADA: training images over which p can move from 0 to 1 (ADA: 500,000)", low=1)
+    r1_gamma: float = option(0.0, "R1 penalty (Mescheder et al. 2018): D's loss += gamma/2 E ||grad_x D(x)||^2 on "
+                                  "real images; 0: off", low=0)
+    r1_every: int = option(1, "lazy R1 (Karras et al. 2020, StyleGAN2): the penalty on every N-th D step only, "
+                              "times N; 1: every step", low=1)
     conditional: bool = option(False, "condition on the class when the data has several: label embedding in G "
                                       "(Mirza & Osindero 2014), projection D (Miyato & Koyama 2018)")
     ema_decay: float = option(0.999, "EMA decay of G's weights, which sampling uses (Yazici et al. 2019); 0: G itself",
                               low=0, high=1)
     divergence_steps: int = option(500, f"stop when D(x) > {D_WON} and D(G(z)) < {1 - D_WON:.2g} for this many steps "
                                         "in a row (D has won; G no longer learns); 0: never", low=0)
+
+
+def count_from_zero_in_older_checkpoints(module, state_dict, prefix, *args):
+    """A checkpoint saved before Model counted D updates and adapted p has neither: count from 0 (only
+    --d-steps > 1 and lazy R1 read the count), p = 1 (only --augment reads it)."""
+    state_dict.setdefault(prefix + "d_updates", torch.zeros((), dtype=torch.long))
+    state_dict.setdefault(prefix + "ada_p", torch.tensor(1.0))
 
 
 def size_plan(size):
@@ -157,6 +187,15 @@ def generator_loss(fake_logits, kind):
     return F.softplus(-fake_logits).mean()
 
 
+def r1_penalty(real_logits, real):
+    """R1 (Mescheder et al. 2018): E_x ||grad_x D(x)||^2 over the real images `real` (which require grad), kept
+    differentiable in D's weights (create_graph) so D's step can minimise it. It is the gradient of the summed
+    logits: per image when D treats images independently (spectral norm); with BatchNorm in D each logit also
+    depends on the rest of the batch, and the penalty is that of the batch's summed logit."""
+    grad, = torch.autograd.grad(real_logits.sum(), real, create_graph=True)   # (B, C, H, W)
+    return grad.square().sum(dim=(1, 2, 3)).mean()
+
+
 class Model(GenerativeModel):
     selects_by_sample_quality = True   # Best and early stopping follow FID / FD_eval, not a loss
     sample_options = ()
@@ -175,8 +214,15 @@ class Model(GenerativeModel):
         self.condition = "class" if self.num_classes else None
         self.generator = Generator(config, channels, height, self.num_classes)
         self.discriminator = Discriminator(config, channels, height, self.num_classes)
+        self.augment_policy = parse_policy(config.augment)
+        if config.ada_target > 0 and not self.augment_policy:
+            raise UserError("--ada-target adapts the probability of the --augment transforms; pass --augment too")
         self.init_ema("generator", config.ema_decay)   # sampling uses these weights, BatchNorm statistics included
         self.register_buffer("d_won_steps", torch.zeros((), dtype=torch.long))   # steps in a row that D won
+        # D updates so far: which steps update G (--d-steps) and carry lazy R1 (--r1-every), the same after --resume
+        self.register_buffer("d_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ada_p", torch.tensor(0.0 if config.ada_target > 0 else 1.0))   # ADA starts at p = 0
+        self.register_load_state_dict_pre_hook(count_from_zero_in_older_checkpoints)
 
     def parameter_groups(self):
         return {"discriminator": self.discriminator, "generator": self.generator}
@@ -192,36 +238,62 @@ class Model(GenerativeModel):
         return {"loss": loss_d, "loss_D": loss_d, "loss_G": loss_g,
                 "D_x": torch.sigmoid(real_logits).mean(), "D_G_z": torch.sigmoid(fake_logits).mean()}
 
+    def judge(self, images, labels, generator=None):
+        """D(T(images)): D's logits on what it sees, images in [-1, 1] augmented by --augment (T = identity without),
+        each transform with probability p."""
+        return self.discriminator(diff_augment(images, self.augment_policy, float(self.ada_p), generator), labels)
+
     def loss(self, x, y=None, generator=None):
-        """Both losses on a batch without an update (validation: eval mode, so the EMA G; fixed noise)."""
+        """Both losses on a batch without an update (validation: eval mode, so the EMA G; fixed noise and fixed
+        augmentations, so val D_x compares with train D_x: a growing gap is D memorising the training images)."""
         labels = y if self.conditional else None
         fake = (self.generator if self.training else self.ema)(self.noise(len(x), generator), labels)
-        real_logits, fake_logits = self.discriminator(x * 2 - 1, labels), self.discriminator(fake, labels)
+        real_logits, fake_logits = self.judge(x * 2 - 1, labels, generator), self.judge(fake, labels, generator)
         return self.report(discriminator_loss(real_logits, fake_logits, self.config.loss),
                            generator_loss(fake_logits, self.config.loss), real_logits, fake_logits)
 
-    def discriminator_terms(self, real, z, labels):
-        """D's loss on real images and on G(z), generated without a graph: this step updates D only."""
+    def discriminator_terms(self, real, z, labels, penalise=False):
+        """D's loss on real images and on G(z), generated without a graph: this step updates D only. With
+        `penalise`, + r1_every * gamma/2 * R1, the gradient taken through the augmentation to the real images.
+        loss_G is G's loss on these generated images before D's update: every step reports it, whatever --d-steps."""
         with torch.no_grad():
             fake = self.generator(z, labels)
-        real_logits, fake_logits = self.discriminator(real, labels), self.discriminator(fake, labels)
-        return {"loss": discriminator_loss(real_logits, fake_logits, self.config.loss),
-                "D_x": torch.sigmoid(real_logits).mean(), "D_G_z": torch.sigmoid(fake_logits).mean()}
+        real = real.detach().requires_grad_(penalise)
+        real_logits, fake_logits = self.judge(real, labels), self.judge(fake, labels)
+        loss_d = discriminator_loss(real_logits, fake_logits, self.config.loss)
+        terms = {"loss_D": loss_d, "loss_G": generator_loss(fake_logits.detach(), self.config.loss),
+                 "D_x": torch.sigmoid(real_logits).mean(), "D_G_z": torch.sigmoid(fake_logits).mean()}
+        if self.config.r1_gamma > 0:   # r1: the penalty's share of D's loss, averaged over steps as it is applied
+            penalty = (self.config.r1_every * self.config.r1_gamma / 2 * r1_penalty(real_logits, real) if penalise
+                       else torch.zeros((), device=real.device))
+            terms["r1"] = penalty
+            loss_d = loss_d + penalty
+        if self.config.ada_target > 0:
+            terms["ada_r"] = real_logits.detach().sign().mean()      # r_t = E[sign(D(x))], x real
+        return {"loss": loss_d, **terms}
 
     def generator_terms(self, z, labels):
-        return {"loss": generator_loss(self.discriminator(self.generator(z, labels), labels), self.config.loss)}
+        return {"loss": generator_loss(self.judge(self.generator(z, labels), labels), self.config.loss)}
 
     def train_step(self, x, y, optimizers):
-        """One D step on a real batch and as many generated images, then one G step on the same z."""
+        """One D step on this batch and as many generated images; on every d_steps-th call, then one G step on the
+        same z: SN-GAN's n_dis D steps per G step, each D step on its own real batch (the loop's, as they come)."""
         real, labels = x * 2 - 1, (y if self.conditional else None)                 # [0, 1] -> [-1, 1]
         z = self.noise(len(x))
-        # (1) Update D: minimise discriminator_loss on real images and G(z), for the real batch's labels
-        d_terms = optimizers.step("discriminator", self.discriminator_terms, real, z, labels)
-        # (2) Update G: minimise generator_loss, D's verdict on G(z)
-        g_terms = optimizers.step("generator", self.generator_terms, z, labels)
-        self.update_ema()
-        terms = {"loss": d_terms["loss"], "loss_D": d_terms["loss"], "loss_G": g_terms["loss"],
-                 "D_x": d_terms["D_x"], "D_G_z": d_terms["D_G_z"]}
+        # (1) Update D: minimise discriminator_loss on T(real images) and T(G(z)), for the real batch's labels
+        penalise = self.config.r1_gamma > 0 and int(self.d_updates) % self.config.r1_every == 0
+        d_step = partial(self.discriminator_terms, penalise=penalise)
+        d_terms = optimizers.step("discriminator", d_step, real, z, labels)
+        self.d_updates += 1
+        if self.config.ada_target > 0:   # p <- clip(p + sign(r_t - target) B / ada_images, 0, 1), each D step
+            step = len(x) / self.config.ada_images * torch.sign(d_terms["ada_r"] - self.config.ada_target)
+            self.ada_p.copy_((self.ada_p + step).clamp(0, 1))
+            d_terms["ada_p"] = self.ada_p.clone()
+        # (2) Update G: minimise generator_loss, D's verdict on T(G(z))
+        if int(self.d_updates) % self.config.d_steps == 0:
+            optimizers.step("generator", self.generator_terms, z, labels)
+            self.update_ema()
+        terms = {"loss": d_terms["loss_D"], **{k: v for k, v in d_terms.items() if k != "loss"}}
         self.check_divergence(terms)
         return terms
 

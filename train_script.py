@@ -46,7 +46,7 @@ MODELS = {
 # The common flags' defaults; a model's TRAIN_DEFAULTS override these.
 COMMON_DEFAULTS = dict(epochs=20, batch_size=16, lr=1e-3, lr_decay=1.0, lr_decay_every=10, optimizer="adam",
                        momentum=0.0, weight_decay=0.0, grad_clip=0.0, grad_accum=1, val_every=1, patience=5,
-                       flip=False, fid_every=0, adam_beta1=0.9)
+                       flip=False, fid_every=0, adam_beta1=0.9, adam_beta2=0.999)
 # What --resume may change; every other flag comes back from the checkpoint.
 CHANGEABLE_ON_RESUME = {"epochs", "patience", "device", "resume", "overwrite", "model", "run_name", "models_dir",
                         "log_dir", "compile", "grad_accum",
@@ -100,6 +100,8 @@ def build_parser(model_name=None, add_help=True):
                    help=f"SGD momentum (default: {d['momentum']}, plain SGD)")
     g.add_argument("--adam-beta1", type=checked(float, 0, below=1), default=d["adam_beta1"],
                    help=f"Adam's beta1, the decay of its gradient average (default: {d['adam_beta1']})")
+    g.add_argument("--adam-beta2", type=checked(float, 0, below=1), default=d["adam_beta2"],
+                   help=f"Adam's beta2, the decay of its squared-gradient average (default: {d['adam_beta2']})")
     g.add_argument("--weight-decay", type=checked(float, 0), default=d["weight_decay"],
                    help=f"L2 penalty (adam, sgd) or decoupled decay (adamw) (default: {d['weight_decay']})")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -204,7 +206,7 @@ def make_optimizer(module, args):
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     optimizer_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_cls(params, lr=args.lr, betas=(args.adam_beta1, 0.999), weight_decay=args.weight_decay)
+    return optimizer_cls(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
-"""GAN (gan.py): shapes and ranges, one D and one G step, the losses' closed forms, EMA, conditioning,
-divergence, and the CLI end to end on the bundled shapes data."""
+"""GAN (gan.py, diffaugment.py): shapes and ranges, one D and one G step, the losses' closed forms, EMA,
+conditioning, divergence, DiffAugment's transforms against their definitions, R1 against a gradient by hand,
+--d-steps, and the CLI end to end on the bundled shapes data."""
 import argparse
 
 import pytest
@@ -8,11 +9,12 @@ import torch.nn.functional as F
 
 import common
 import contract
+import diffaugment
 import fid
 import gan
 import train_script
 from common import TrainingDiverged, UserError
-from conftest import run_script
+from conftest import run_script, write_image_folder
 
 TINY = dict(latent_dim=8, ngf=4, ndf=4)
 
@@ -22,8 +24,8 @@ def build(image_shape=(3, 24, 24), num_classes=1, **config):
     return gan.Model(gan.Config(**{**TINY, **config}), image_shape, num_classes)
 
 
-def optimizers(model, lr=2e-4):
-    args = argparse.Namespace(optimizer="adam", lr=lr, adam_beta1=0.5, weight_decay=0.0)
+def optimizers(model, lr=2e-4, betas=(0.5, 0.999)):
+    args = argparse.Namespace(optimizer="adam", lr=lr, adam_beta1=betas[0], adam_beta2=betas[1], weight_decay=0.0)
     groups = model.parameter_groups()
     return contract.Optimizers({name: train_script.make_optimizer(m, args) for name, m in groups.items()}, groups)
 
@@ -108,6 +110,9 @@ def test_train_step_updates_both_networks_and_reports_the_terms():
     assert opts["generator"].param_groups[0]["betas"] == (0.5, 0.999)   # DCGAN's Adam, from TRAIN_DEFAULTS
     assert train_script.parse_args(["--model", "GAN"]).adam_beta1 == 0.5
     assert train_script.parse_args(["--model", "VAE"]).adam_beta1 == 0.9
+    args = train_script.parse_args(["--model", "GAN", "--adam-beta1", "0", "--adam-beta2", "0.9"])
+    assert train_script.make_optimizer(model.generator, args).param_groups[0]["betas"] == (0.0, 0.9)
+    assert train_script.parse_args(["--model", "GAN"]).adam_beta2 == 0.999
 
 
 def test_ema_update_math():
@@ -215,3 +220,217 @@ def test_cli_end_to_end_on_the_bundled_data(tmp_path, monkeypatch):
     assert (tmp_path / "vis" / "random_images_GAN.png").is_file()
     last = result.stdout.strip().splitlines()[-1]   # measured as in training: FD_eval, with the class accuracy
     assert last.startswith("FD_eval ") and "accuracy_eval" in last and "600 samples vs the 600" in last
+
+
+# -- DiffAugment (diffaugment.py) ------------------------------------------------------------------------------
+
+def test_colour_transforms_match_their_definitions_per_pixel():
+    x = torch.rand(2, 3, 4, 5, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    factors = torch.tensor([0.3, 1.7])
+    for i in range(2):
+        for r in range(4):
+            for c in range(5):
+                pixel, f = x[i, :, r, c], float(factors[i])
+                grey = sum(pixel.tolist()) / 3            # saturation: towards the pixel's channel mean
+                saturated = diffaugment.saturation(x, factors)[i, :, r, c]
+                assert torch.allclose(saturated, grey + f * (pixel - grey), atol=1e-6)
+                assert torch.allclose(diffaugment.brightness(x, factors)[i, :, r, c], pixel + f)
+        mean = sum(x[i].flatten().tolist()) / x[i].numel()   # contrast: towards the image's mean
+        assert torch.allclose(diffaugment.contrast(x, factors)[i], mean + float(factors[i]) * (x[i] - mean), atol=1e-6)
+    assert torch.allclose(diffaugment.saturation(x, torch.ones(2)), x)
+    assert torch.allclose(diffaugment.contrast(x, torch.ones(2)), x)
+
+
+def test_translation_shifts_by_the_given_pixels_with_zero_padding():
+    x = torch.arange(1.0, 2 * 2 * 5 * 6 + 1).view(2, 2, 5, 6)
+    shift = torch.tensor([[1, -2], [-3, 0]])                  # (dy, dx) per image
+    out = diffaugment.translate(x, shift)
+    for i, (dy, dx) in enumerate(shift.tolist()):
+        for r in range(5):
+            for c in range(6):
+                inside = 0 <= r - dy < 5 and 0 <= c - dx < 6
+                expected = x[i, :, r - dy, c - dx] if inside else torch.zeros(2)
+                assert torch.equal(out[i, :, r, c], expected), (i, r, c)
+    assert torch.equal(diffaugment.translate(x, torch.zeros(2, 2, dtype=torch.long)), x)
+
+
+def test_cutout_zeroes_exactly_the_given_box_clipped_to_the_image():
+    x = torch.rand(2, 3, 6, 6) + 1                            # no zeros of its own
+    out = diffaugment.cut_out(x, torch.tensor([[1, 2], [-2, 4]]), side=3)
+    boxes = [(range(1, 4), range(2, 5)), (range(1), range(4, 6))]   # the second clipped at the top and right
+    for i, (rows, cols) in enumerate(boxes):
+        for r in range(6):
+            for c in range(6):
+                expected = torch.zeros(3) if r in rows and c in cols else x[i, :, r, c]
+                assert torch.equal(out[i, :, r, c], expected), (i, r, c)
+
+
+def test_random_policies_draw_within_the_papers_ranges():
+    size, generator = 16, torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, size, size, generator=generator) + 1
+    moved = diffaugment.random_translation(x, generator=generator)
+    limit = size // 8
+    shifts = [(dy, dx) for dy in range(-limit, limit + 1) for dx in range(-limit, limit + 1)]
+    found = [next(s for s in shifts if torch.equal(moved[i], diffaugment.translate(x[i:i + 1], torch.tensor([s]))[0]))
+             for i in range(64)]   # StopIteration if an image moved further than S/8
+    assert len(set(found)) > 10
+    holes = diffaugment.random_cutout(x, generator=generator)[:, 0] == 0       # (64, S, S)
+    rows, cols = holes.any(dim=2), holes.any(dim=1)
+    assert torch.equal(holes, rows[:, :, None] & cols[:, None, :])             # one box per image
+    assert rows.sum(1).max() == size // 2 and rows.sum(1).min() >= size // 4   # side S/2, at least half inside
+    grey = torch.zeros(200, 3, 2, 2)
+    brightened = diffaugment.random_color(grey, generator=generator)   # b ~ U(-1/2, 1/2): grey stays grey
+    assert brightened.abs().max() <= 0.5 and brightened.min() < -0.4 and brightened.max() > 0.4
+
+
+@pytest.mark.parametrize("transform", [
+    lambda x: diffaugment.brightness(x, torch.tensor([0.2, -0.3], dtype=x.dtype)),
+    lambda x: diffaugment.saturation(x, torch.tensor([0.5, 1.5], dtype=x.dtype)),
+    lambda x: diffaugment.contrast(x, torch.tensor([0.7, 1.2], dtype=x.dtype)),
+    lambda x: diffaugment.translate(x, torch.tensor([[1, -1], [0, 2]])),
+    lambda x: diffaugment.cut_out(x, torch.tensor([[0, 1], [2, 2]]), 2),
+])
+def test_each_transform_is_differentiable_in_the_image(transform):
+    x = torch.rand(2, 3, 5, 5, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(transform, (x,))   # analytic gradient against finite differences
+
+
+def test_gradients_reach_the_generator_through_every_policy_and_off_is_the_identity():
+    model = build(augment="color,translation,cutout")
+    assert model.augment_policy == ("color", "translation", "cutout")
+    z = model.noise(4, torch.Generator().manual_seed(0))
+    model.generator_terms(z, None)["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.generator.parameters())
+    x = torch.rand(4, 3, 24, 24)
+    assert diffaugment.diff_augment(x, ()) is x
+    plain = build().eval()
+    assert torch.equal(plain.judge(x, None), plain.discriminator(x))
+    augmented = model.eval()
+    assert not torch.allclose(augmented.judge(x, None), augmented.discriminator(x))
+    with pytest.raises(UserError, match="unknown --augment policy flip"):
+        build(augment="color,flip")
+
+
+# -- R1 and --d-steps ------------------------------------------------------------------------------------------
+
+class LinearD(torch.nn.Module):
+    """D(x) = w . x + b: grad_x D(x) = w for every image, so R1 = ||w||^2."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.w, self.b = torch.nn.Parameter(torch.randn(numel)), torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, labels=None):
+        return x.flatten(1) @ self.w + self.b
+
+
+def test_r1_is_the_squared_gradient_norm_by_hand_and_d_minimises_it():
+    d = LinearD(3 * 4 * 4)
+    real = torch.rand(5, 3, 4, 4, requires_grad=True)
+    penalty = gan.r1_penalty(d(real), real)
+    assert torch.allclose(penalty, (d.w ** 2).sum())
+    penalty.backward()                                        # differentiable in D's weights: d ||w||^2 / dw = 2 w
+    assert torch.allclose(d.w.grad, 2 * d.w)
+
+
+def test_lazy_r1_adds_gamma_over_two_times_the_interval_on_every_nth_d_step():
+    model = build((3, 8, 8), r1_gamma=0.5, r1_every=3, divergence_steps=0)
+    model.discriminator = LinearD(3 * 8 * 8)
+    opts = optimizers(model, lr=0.0)                          # lr 0: w stays, so R1 stays ||w||^2
+    expected = 3 * 0.5 / 2 * float((model.discriminator.w.detach() ** 2).sum())
+    r1 = [float(model.train_step(torch.rand(2, 3, 8, 8), None, opts)["r1"]) for _ in range(7)]
+    assert r1 == pytest.approx([expected, 0, 0, expected, 0, 0, expected])
+    terms = model.discriminator_terms(torch.rand(2, 3, 8, 8) * 2 - 1, model.noise(2), None, penalise=True)
+    assert torch.allclose(terms["loss"], terms["loss_D"] + expected)
+
+
+def test_d_steps_five_makes_five_d_updates_per_g_update():
+    model = build(d_steps=5)
+    opts = optimizers(model)
+    g_first = next(model.generator.parameters())
+    counts = []
+    for call in range(1, 11):
+        g_before = g_first.clone()
+        model.train_step(torch.rand(4, 3, 24, 24), None, opts)
+        counts.append(not torch.equal(g_before, g_first))    # did this call update G?
+    assert counts == [False] * 4 + [True] + [False] * 4 + [True]
+    d_steps = {int(s["step"]) for s in opts["discriminator"].state.values()}
+    g_steps = {int(s["step"]) for s in opts["generator"].state.values()}
+    assert d_steps == {10} and g_steps == {2} and int(model.ema_updates) == 2 and int(model.d_updates) == 10
+
+
+def test_checkpoints_without_the_d_update_count_and_ada_p_still_load():
+    state = {k: v for k, v in build().state_dict().items() if k not in ("d_updates", "ada_p")}
+    model = build(augment="translation")
+    model.load_state_dict(state)   # strict
+    assert int(model.d_updates) == 0 and float(model.ada_p) == 1.0
+
+
+# -- ADA -------------------------------------------------------------------------------------------------------
+
+def test_ada_applies_each_transform_with_probability_p():
+    x = torch.rand(2000, 1, 8, 8) + 1
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(diffaugment.diff_augment(x, tuple(diffaugment.POLICIES), 0.0, generator), x)   # p = 0: none
+    holes = (diffaugment.random_cutout(x, 0.3, generator) == 0).flatten(1).any(dim=1)
+    assert abs(holes.float().mean() - 0.3) < 0.04                     # binomial: 4 standard deviations is 0.041
+    grey = torch.zeros(2000, 3, 2, 2)                                 # colour: only brightness moves a grey image
+    moved = diffaugment.random_color(grey, 0.3, generator).flatten(1).any(dim=1)
+    assert abs(moved.float().mean() - 0.3) < 0.04
+
+
+class ConstantD(torch.nn.Module):
+    """D(x) = c for every image: r_t = sign(c)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.tensor(float(c)))
+
+    def forward(self, x, labels=None):
+        return self.c.expand(len(x))
+
+
+def test_ada_raises_p_while_r_t_is_above_the_target_and_lowers_it_while_below():
+    model = build((3, 8, 8), augment="translation", ada_target=0.6, ada_images=40, divergence_steps=0)
+    assert float(model.ada_p) == 0.0
+    model.discriminator = ConstantD(5.0)                            # r_t = 1 > 0.6: p += B / ada_images
+    opts = optimizers(model, lr=0.0)
+    ps = [float(model.train_step(torch.rand(8, 3, 8, 8), None, opts)["ada_p"]) for _ in range(6)]
+    assert ps == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])      # clipped at 1
+    model.discriminator.c.data.fill_(-5.0)                          # r_t = -1 < 0.6: p -= B / ada_images
+    terms = model.train_step(torch.rand(4, 3, 8, 8), None, opts)
+    assert float(terms["ada_p"]) == pytest.approx(0.9) and float(terms["ada_r"]) == -1.0
+    with pytest.raises(UserError, match="pass --augment"):
+        build(ada_target=0.6)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--augment", "color,translation,cutout", "--r1-gamma", "1", "--r1-every", "2"],
+    ["--spectral-norm", "--d-steps", "3", "--adam-beta1", "0", "--adam-beta2", "0.9", "--augment", "translation",
+     "--ada-target", "0.6", "--ada-images", "100"],
+])
+def test_cli_with_the_small_data_flags_trains_and_resumes_exactly(tmp_path, flags):
+    data = write_image_folder(tmp_path / "data", per_class=20, size=16, classes=("x", "y"))
+
+    def train(folder, *more):
+        return train_script.train(["--model", "GAN", "--data", str(data), "--image-size", "8", "--batch-size", "8",
+                                   "--ngf", "4", "--ndf", "4", "--fid-every", "0", "--models-dir",
+                                   str(folder / "models"), "--log-dir", str(folder / "log"), *flags, *more])
+
+    straight, _ = train(tmp_path / "a", "--epochs", "2")    # 32 training images: 4 D steps an epoch
+    train(tmp_path / "b", "--epochs", "1")
+    resumed, _ = train(tmp_path / "b", "--epochs", "2", "--resume")
+    for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert int(straight.d_updates) == 8
+    steps_per_g = straight.config.d_steps
+    assert int(straight.ema_updates) == 8 // steps_per_g
+    ckpt = torch.load(tmp_path / "b" / "models" / "Last_GAN.pth", weights_only=True)
+    betas = ckpt["optimizer_states"]["discriminator"]["param_groups"][0]["betas"]
+    assert tuple(betas) == ((0.0, 0.9) if "--spectral-norm" in flags else (0.5, 0.999))
+    untimed = [{k: v for k, v in record.items() if "seconds" not in k}
+               for run in ("a", "b") for record in torch.load(tmp_path / run / "models" / "Last_GAN.pth",
+                                                               weights_only=True)["history"]]
+    assert untimed[:2] == untimed[2:]
+    assert ("train_r1" in untimed[0]) == ("--r1-gamma" in flags)
+    assert ("train_ada_p" in untimed[0]) == ("--ada-target" in flags)
