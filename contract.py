@@ -7,7 +7,7 @@ A model is one module (file) with
     Model(config, image_shape, num_classes)   returns a GenerativeModel (below)
     stages(args)     optional: the runs to train, in order, each a copy of the parsed flags (latent diffusion:
                      its autoencoder, then diffusion on its latents); without it, one run
-and one line in train_script.MODELS. The scripts never ask which model they hold: they read the capabilities
+and one line in registry.MODELS. The scripts never ask which model they hold: they read the capabilities
 below and call the methods.
 """
 import copy

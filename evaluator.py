@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import image_data
 from common import UserError
 
 # validation accuracy <= 1/K + CHANCE_MARGIN (K classes) counts as chance: the margin covers the luck of a
@@ -97,7 +98,7 @@ def accuracy(net, images, targets, batch_size=256):
     images divided by the labels asked for (the iCLEVR evaluator's accuracy)."""
     net.eval()
     hits, total = 0, 0
-    for x, y in common.iterate_batches(images, targets, batch_size, shuffle=False):
+    for x, y in image_data.iterate_batches(images, targets, batch_size, shuffle=False):
         logits = net(x)
         if y.dim() == 1:
             hits, total = hits + int((logits.argmax(1) == y).sum()), total + len(y)
@@ -128,7 +129,7 @@ def train_evaluator(data, device="cpu", log=print, **settings):
     require_classes(data)
     t = Training(**settings)
     common.seed_everything(t.seed)
-    train_idx, val_idx = common.split_indices(len(data.images), t.seed)
+    train_idx, val_idx = image_data.split_indices(len(data.images), t.seed)
     multi_label = data.multilabels is not None   # sigmoid outputs and binary cross-entropy, one per label
     targets = data.multilabels.float() if multi_label else data.labels
     names = data.label_names if multi_label else data.class_names
@@ -141,8 +142,8 @@ def train_evaluator(data, device="cpu", log=print, **settings):
     for epoch in range(1, t.epochs + 1):
         started, total = time.perf_counter(), 0.0
         net.train()
-        for x, y in common.iterate_batches(data.images[train_idx], targets[train_idx], t.batch_size,
-                                           shuffle_rng, flip=True):
+        for x, y in image_data.iterate_batches(data.images[train_idx], targets[train_idx], t.batch_size,
+                                               shuffle_rng, flip=True):
             loss = loss_fn(net(x.to(device)), y.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -213,10 +214,10 @@ def load_evaluator(path, for_selection=False):
 def train_on_first_need(path, data, image_size, dataset=None, channels=None, device="cpu"):
     """Train the evaluator a metric needs with train-evaluator's defaults, and save it at `path` for next time.
 
-    `dataset` is `data` already loaded (common.ImageData), else it is loaded here with `channels`.
+    `dataset` is `data` already loaded (image_data.ImageData), else it is loaded here with `channels`.
     """
     if dataset is None:
-        dataset = common.load_data(data, image_size, channels)
+        dataset = image_data.load_data(data, image_size, channels)
     require_classes(dataset)
     print(f"# no evaluator at {path}: training one "
           f"({train_command(data, image_size, dataset.image_shape[0], path)})", flush=True)

@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import image_data
 from common import UserError
 # the network and the evaluator moved to their own files; their names stay reachable as fid.<name>
 from evaluator import (Evaluator, Training, accuracy, chance_problem, evaluator_path, load_evaluator,  # noqa: F401
@@ -193,7 +194,7 @@ def make_extractor(kind, inception_weights_file=None, evaluator_file=None, devic
         path = inception_weights(inception_weights_file)
         return FeatureExtractor("inception", load_inception(path, device), inception_input, path, device=device)
     net, ckpt = load_evaluator(evaluator_file, for_selection)
-    return FeatureExtractor("evaluator", net.features, common.to_float, evaluator_file, tuple(ckpt["image_shape"]),
+    return FeatureExtractor("evaluator", net.features, image_data.to_float, evaluator_file, tuple(ckpt["image_shape"]),
                             classifier=net, batch_size=256)
 
 
@@ -318,7 +319,7 @@ def extractors_from_args(args, data, image_size, device="cpu", models_dir="model
     """The extractors of --fid-features for the data named `data` (--data) at `image_size`.
 
     A missing evaluator at the default path is trained there first; `dataset`, the same data already
-    loaded (common.ImageData), saves decoding it again. `for_selection`: the first metric chooses Best,
+    loaded (image_data.ImageData), saves decoding it again. `for_selection`: the first metric chooses Best,
     so an evaluator at chance is refused for it.
     """
     kinds = resolve_features(args.fid_features, args.inception_weights)
@@ -362,7 +363,7 @@ def compare(argv):
     evaluator_file = args.evaluator or evaluator_path(args.paths[-1], args.image_size)
     extractor = make_extractor(args.features, args.inception_weights, evaluator_file, device)
     channels = extractor.image_shape[0] if extractor.image_shape else 3
-    folders = [None if p.endswith(".npz") else common.load_data(p, args.image_size, channels) for p in args.paths]
+    folders = [None if p.endswith(".npz") else image_data.load_data(p, args.image_size, channels) for p in args.paths]
     for path, data in zip(args.paths, folders):   # every folder counted before any features are computed
         if data is not None:
             require_two(len(data.images), f"'{path}'")
@@ -403,8 +404,8 @@ def add_data_flags(parser):
 
 
 def load_cli_data(args):
-    return common.load_data(args.data, args.image_size, args.channels, labels=args.labels,
-                            label_names=args.label_names, layouts=args.layouts)
+    return image_data.load_data(args.data, args.image_size, args.channels, labels=args.labels,
+                                label_names=args.label_names, layouts=args.layouts)
 
 
 def train_evaluator_cli(argv):
@@ -422,7 +423,7 @@ def train_evaluator_cli(argv):
                                         **dataclasses.asdict(training))
     out = Path(args.out or evaluator_path(args.data, args.image_size))
     ckpt = save_evaluator(net, data, val_accuracy, training.seed, out, training.epochs)
-    n_val = len(common.split_indices(len(data.images), training.seed)[1])
+    n_val = len(image_data.split_indices(len(data.images), training.seed)[1])
     print(f"wrote {out}: validation accuracy {val_accuracy:.4f} on {n_val} images, {len(ckpt['class_names'])} "
           f"{'labels' if net.task == 'labels' else 'classes'}, {time.perf_counter() - started:.0f}s")
     problem = chance_problem(ckpt, out)

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 import common
 import ddpm
+import image_data
 import vae
 from common import UserError, option
 from contract import GenerativeModel
@@ -229,7 +230,7 @@ class LatentDiffusion(ddpm.Model):
         self.autoencoder.load_state_dict(ckpt["model_state"])
         generator = torch.Generator(self.latent_scale.device).manual_seed(0)
         self.latent_scale.fill_(1.0)
-        z = torch.cat([self.latents(common.to_float(train_images[i:i + batch_size]).to(self.latent_scale.device),
+        z = torch.cat([self.latents(image_data.to_float(train_images[i:i + batch_size]).to(self.latent_scale.device),
                                     generator) for i in range(0, len(train_images), batch_size)])
         self.latent_scale.fill_(1 / z.std().item())                                # s = 1 / std(z)
         best = min((h for h in ckpt["history"] if h["val_loss"] is not None), key=lambda h: h["val_loss"])

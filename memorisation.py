@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 import common
+import image_data
 
 QUANTILE = 0.05     # validation's 5th percentile of nearest-training distance is the threshold
 REFERENCE_CHUNK = 2048   # training images compared at a time: the float copies of a large set never all in memory
@@ -79,5 +80,5 @@ def summary(checks):
 def closest_pairs(samples, train, pixel_check, k=8):
     """A grid of the k samples nearest to a training image (top row) above those training images (bottom row)."""
     order = pixel_check.sample_distances.argsort()[:k]
-    return common.comparison_grid([common.to_float(samples[order]),
-                                   common.to_float(train[pixel_check.nearest_train[order]])], nrow=k)
+    return common.comparison_grid([image_data.to_float(samples[order]),
+                                   image_data.to_float(train[pixel_check.nearest_train[order]])], nrow=k)

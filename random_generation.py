@@ -26,8 +26,8 @@ import fid
 import memorisation
 import scenes
 from common import UserError
+from registry import MODELS, checkpoint_data, load_model
 from segmenter import mean_iou, read_layouts
-from train_script import MODELS, checkpoint_data, load_model
 
 
 def main():
@@ -130,7 +130,6 @@ def report_sample_quality(model, ckpt, args, device, images, options):
           f"validation images of {data_name} at {size}x{size})")
     fake = fid.quantize(images)
     evaluator = next((e for e, _ in quality.real if e.kind == "evaluator"), None)
-    print(memorisation.summary(memorisation.check(fake, data.images[train_idx], data.images[val_idx], evaluator)))
     if args.labels is not None:
         if evaluator is not None:
             score = fid.accuracy(evaluator.classifier, fake, asked.cpu())
@@ -139,6 +138,7 @@ def report_sample_quality(model, ckpt, args, device, images, options):
         miou = mean_iou(read_layouts(quality.segmenter, fake), asked.cpu(), quality.segmenter.num_labels)
         print(f"miou_eval {miou:.4f} on the {len(fake)} layouts of {args.layouts} (real validation images: "
               f"{quality.miou_real:.4f})")
+    print(memorisation.summary(memorisation.check(fake, data.images[train_idx], data.images[val_idx], evaluator)))
 
 
 if __name__ == "__main__":

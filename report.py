@@ -1,7 +1,7 @@
 """Compare training runs: `python report.py VAE diffusion --out reports/vae_vs_diffusion` -> report.md and pictures.
 
 Reads only what training saved: each run's checkpoint (<models-dir>/Last_<run>.pth, else Best_<run>.pth, or a
-checkpoint path), its history (one record per epoch) and its weights (train_script.load_model). Which command
+checkpoint path), its history (one record per epoch) and its weights (registry.load_model). Which command
 regenerates what:
     python report.py RUN [RUN ...] --out reports/NAME   reports/NAME/report.md, with beside it
         losses.png           training (solid) and validation (dashed) loss of every run, by epoch
@@ -27,10 +27,11 @@ from matplotlib.ticker import MaxNLocator
 import common
 import config_file
 import fid
+import image_data
 import memorisation
 import visualization   # its pictures of one model; it also selects matplotlib's file-only backend
 from common import UserError
-from train_script import checkpoint_data, load_model
+from registry import checkpoint_data, load_model
 
 import matplotlib.pyplot as plt   # noqa: E402 (after visualization chose the backend)
 
@@ -244,7 +245,7 @@ def picture_section(run, samples, data, out, device):
         return path.name, "validation images (top) and their reconstructions"
     if samples is None:
         return None, "no picture: the model does not generate and its data could not be read"
-    common.save_image_grid(common.to_float(samples[:GRID]), path, nrow=GRID // 2)
+    common.save_image_grid(image_data.to_float(samples[:GRID]), path, nrow=GRID // 2)
     return path.name, f"{GRID} samples"
 
 

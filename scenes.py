@@ -26,7 +26,9 @@ import torch
 from PIL import Image, ImageDraw
 
 import common
-from common import ImageData, UserError
+import image_data
+from common import UserError
+from image_data import ImageData
 
 COLOURS = {"gray": (87, 87, 87), "red": (173, 35, 35), "blue": (42, 75, 215), "green": (29, 105, 20),
            "brown": (129, 74, 25), "purple": (129, 38, 192), "cyan": (41, 208, 208), "yellow": (255, 238, 51)}
@@ -205,7 +207,7 @@ def read_layout(layouts, name, size, image_size, num_labels):
 
 
 def load_labelled_folder(root, labels_json, names_json, layouts, image_size=32, channels=None,
-                         cache_dir=common.DEFAULT_CACHE_DIR):
+                         cache_dir=None):
     """An image folder with multi-hot labels (train.json), layouts (a folder of maps or boxes .json) or both,
     and the label names (objects.json). The images are those the labels (else the boxes, else the folder) name,
     in that order; without labels, each image's labels are those its layout holds."""
@@ -226,13 +228,13 @@ def load_labelled_folder(root, labels_json, names_json, layouts, image_size=32, 
     elif boxes is not None:
         files = list(boxes)
     else:
-        files = [str(p.relative_to(root)) for p in common.list_image_folder(root)[0]]
+        files = [str(p.relative_to(root)) for p in image_data.list_image_folder(root)[0]]
     missing = [f for f in files if not (root / f).is_file()]
     if missing:
         raise UserError(f"{'--labels' if label_lists is not None else '--layouts'} names '{missing[0]}', which is "
                         f"not in '{root}' ({len(missing)} missing); fix the path or the file")
-    images, kept = common.decode_cached(root, [root / f for f in files], list(range(len(files))), image_size,
-                                        channels, cache_dir)
+    images, kept = image_data.decode_cached(root, [root / f for f in files], list(range(len(files))), image_size,
+                                            channels, cache_dir)
     kept_files = [files[i] for i in kept.tolist()]
     data = ImageData(images, torch.zeros(len(kept_files), dtype=torch.int64), [root.resolve().name], str(root),
                      names)

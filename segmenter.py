@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import image_data
 from common import UserError
 
 
@@ -57,7 +58,7 @@ def segmenter_path(data, image_size, models_dir="models"):
 def read_layouts(net, images, batch_size=256):
     """uint8 images (N, C, H, W) -> the layouts the network reads, (N, H, W) long."""
     net.eval()
-    return torch.cat([net(common.to_float(images[i:i + batch_size])).argmax(1)
+    return torch.cat([net(image_data.to_float(images[i:i + batch_size])).argmax(1)
                       for i in range(0, len(images), batch_size)])
 
 
@@ -78,7 +79,7 @@ def train_segmenter(data, epochs=15, batch_size=64, lr=2e-3, width=32, seed=0, d
         raise UserError(f"'{data.source}' has no layouts to learn from; pass --layouts (see scenes.py) "
                         "or --data objects")
     common.seed_everything(seed)
-    train_idx, val_idx = common.split_indices(len(data.images), seed)
+    train_idx, val_idx = image_data.split_indices(len(data.images), seed)
     net = Segmenter(data.image_shape, len(data.label_names), width).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * math.ceil(len(train_idx) /
@@ -87,8 +88,8 @@ def train_segmenter(data, epochs=15, batch_size=64, lr=2e-3, width=32, seed=0, d
     for epoch in range(1, epochs + 1):
         started, total = time.perf_counter(), 0.0
         net.train()
-        for x, y in common.iterate_batches(data.images[train_idx], data.layouts[train_idx].long(), batch_size,
-                                           shuffle_rng):
+        for x, y in image_data.iterate_batches(data.images[train_idx], data.layouts[train_idx].long(), batch_size,
+                                               shuffle_rng):
             mirror = torch.rand(len(x), generator=shuffle_rng) < 0.5
             x[mirror], y[mirror] = x[mirror].flip(-1), y[mirror].flip(-1)
             loss = F.cross_entropy(net(x.to(device)), y.to(device))

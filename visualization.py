@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt
 import torch
 
 import common
-from train_script import MODELS, checkpoint_data, load_model
+import image_data
+from registry import MODELS, checkpoint_data, load_model
 
 
 def plot_history(history, title, path):
@@ -33,7 +34,7 @@ def plot_history(history, title, path):
 
 @torch.no_grad()
 def save_reconstructions(model, images, path, device):
-    x = common.to_float(images).to(device)
+    x = image_data.to_float(images).to(device)
     grid = common.comparison_grid([x, model.reconstruct(x)])
     path.parent.mkdir(parents=True, exist_ok=True)
     common.grid_to_pil(grid, scale=4).save(path)

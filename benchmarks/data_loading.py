@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
-import common  # noqa: E402
+import image_data  # noqa: E402
 
 
 def main():
@@ -23,18 +23,18 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     started = time.perf_counter()
-    common.load_data(args.data, args.image_size)
+    image_data.load_data(args.data, args.image_size)
     print(f"first load (decodes unless already cached): {time.perf_counter() - started:.2f} s")
     loads, epochs = [], []
     for _ in range(args.repeats):
         started = time.perf_counter()
-        data = common.load_data(args.data, args.image_size)
-        train_idx, _ = common.split_indices(len(data.images), 0)
+        data = image_data.load_data(args.data, args.image_size)
+        train_idx, _ = image_data.split_indices(len(data.images), 0)
         images, labels = data.images[train_idx], data.labels[train_idx]
         loads.append(time.perf_counter() - started)
         generator = torch.Generator().manual_seed(0)
         started = time.perf_counter()
-        for x, y in common.iterate_batches(images, labels, args.batch_size, generator, flip=True):
+        for x, y in image_data.iterate_batches(images, labels, args.batch_size, generator, flip=True):
             pass
         epochs.append(time.perf_counter() - started)
     print(f"cached load + split: median {sorted(loads)[len(loads) // 2]:.3f} s")

@@ -20,10 +20,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
 import contract  # noqa: E402
 import ddpm  # noqa: E402
-from train_script import COMMON_DEFAULTS  # noqa: E402
+import image_data  # noqa: E402
+from train_flags import COMMON_DEFAULTS  # noqa: E402
 
 
 def timed(fn, repeats):
@@ -43,7 +43,7 @@ def batches(data, batch_size):
     """Endless training batches of the real data, as the training loop makes them (flips included)."""
     generator = torch.Generator().manual_seed(0)
     while True:
-        yield from common.iterate_batches(data.images, data.labels, batch_size, generator, flip=True)
+        yield from image_data.iterate_batches(data.images, data.labels, batch_size, generator, flip=True)
 
 
 def step_speed(step, batch_iter, batch_size, repeats, flops=None):
@@ -130,7 +130,7 @@ def main():
     torch.manual_seed(0)
     print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")
     print(f"fp32 2048x2048 matmul: {matmul_gflops():.1f} GFLOP/s", flush=True)
-    data = common.load_data(args.data, args.image_size)
+    data = image_data.load_data(args.data, args.image_size)
     batch_size = ddpm.TRAIN_DEFAULTS["batch_size"]
     model, our_step, n_params = ours(data, precision=args.precision)
     contenders = [(f"genlab diffusion ({args.precision}): {n_params:,} parameters", our_step)]

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
 import contract  # noqa: E402
 import ddpm  # noqa: E402
+import image_data  # noqa: E402
 import latent_diffusion  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def budget(seconds, command):
 
 def speed(args):
     torch.manual_seed(0)
-    data = common.load_data(args.data, args.image_size)
+    data = image_data.load_data(args.data, args.image_size)
     unet = dict(width=args.width, channel_mults=tuple(args.channel_mults), attention_levels=tuple(args.attention_levels))
     pixel = ddpm.Model(ddpm.Config(**unet), data.image_shape, len(data.class_names))
     latent = latent_diffusion.Model(latent_diffusion.Config(stage="diffusion", ae_downsample=args.ae_downsample,
@@ -63,7 +63,7 @@ def speed(args):
     optimizers = {name: contract.Optimizers({"model": torch.optim.Adam(contract.trainable(m.unet), lr=1e-4)},
                                             m.parameter_groups()) for name, m in models.items()}
     generator = torch.Generator().manual_seed(0)
-    batches = common.iterate_batches(data.images, data.labels, args.batch_size, generator, flip=True)
+    batches = image_data.iterate_batches(data.images, data.labels, args.batch_size, generator, flip=True)
     times = {name: 0.0 for name in models}
     for round_ in range(args.rounds + 1):   # round 0 warms up (oneDNN picks its kernels)
         for name, model in models.items():

@@ -18,7 +18,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from train_script import MODELS  # noqa: E402
+from registry import MODELS  # noqa: E402
 
 EXTRA = {"GAN": ["--fid-every", "0"], "LDM": ["--ae-epochs", "1"]}
 

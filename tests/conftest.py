@@ -21,6 +21,20 @@ def write_image_folder(root, per_class=6, size=20, classes=("a", "b"), seed=0):
     return root
 
 
+@pytest.fixture
+def tiny_data(tmp_path):
+    """40 random 16x16 images in two class folders."""
+    return write_image_folder(tmp_path / "data", per_class=20, size=16, classes=("x", "y"))
+
+
+def train(tmp_path, data, *flags):
+    """train_script.train on `data` at 8x8, batch 8, with models/ and log/ in tmp_path."""
+    import train_script
+    argv = ["--data", str(data), "--image-size", "8", "--batch-size", "8",
+            "--models-dir", str(tmp_path / "models"), "--log-dir", str(tmp_path / "log"), *map(str, flags)]
+    return train_script.train(argv)
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Decoded-data caches go to a temporary folder, never the user's ~/.cache."""

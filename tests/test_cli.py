@@ -6,7 +6,7 @@ from PIL import Image
 import random_generation
 import visualization
 from conftest import run_main, run_script, write_image_folder
-from train_script import MODELS, load_model
+from registry import MODELS, load_model
 
 TINY = ["--image-size", "12", "--epochs", "2", "--batch-size", "64"]
 # Small networks, so that every model trains in seconds; everything else is the model's default.

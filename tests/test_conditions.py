@@ -158,15 +158,17 @@ def test_cli_end_to_end_multi_label_and_layout(exported, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "# no evaluator at models/Evaluator_images_16.pth: training one" in result.stdout
     lines = result.stdout.strip().splitlines()
-    assert lines[-2].startswith("FD_eval ") and "accuracy_eval" in lines[-2]
-    assert lines[-1].startswith("accuracy_eval ") and "on the 32 label sets of" in lines[-1]
+    assert lines[-3].startswith("FD_eval ") and "accuracy_eval" in lines[-3]
+    assert lines[-2].startswith("accuracy_eval ") and "on the 32 label sets of" in lines[-2]
+    assert lines[-1].startswith("memorisation: of 32 samples")
     assert Image.open(tmp_path / "vis" / "random_images_diffusion.png").size == (4 * (8 * 18 + 2), 4 * (4 * 18 + 2))
     result = run_script("random_generation.py", "--model", "diffusion", "--checkpoint", "models/Best_layout.pth",
                         "--layouts", exported / "layouts", "--steps", "3", "--fid", "--fid-features", "evaluator",
                         cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "# no layout evaluator at models/Segmenter_images_16.pth: training one" in result.stdout
-    assert "miou_eval" in result.stdout.splitlines()[-2] and "on the 40 layouts of" in result.stdout.splitlines()[-1]
+    lines = result.stdout.splitlines()
+    assert "miou_eval" in lines[-3] and "on the 40 layouts of" in lines[-2] and lines[-1].startswith("memorisation:")
     result = run_script("visualization.py", "--model", "diffusion", "--checkpoint", "models/Best_layout.pth",
                         "--n", "4", cwd=tmp_path)
     assert result.returncode == 0 and (tmp_path / "vis" / "denoising_diffusion.png").is_file(), result.stderr

@@ -7,6 +7,8 @@ import torch
 import common
 import config_file
 import contract
+import registry
+import train_flags
 import train_script
 from common import UserError
 from conftest import REPO, run_script
@@ -24,13 +26,15 @@ def settings_of(args):
 def test_settings_file_round_trip(tmp_path):
     argv = ["--model", "diffusion", "--channel-mults", "1", "2", "--lr", "3e-4", "--no-flip", "--seed", "7",
             "--data", 'a "quoted" folder\\with ünïcode\ttab', "--fid-features", "evaluator", "inception"]
-    args = train_script.parse_args(argv)
+    args = train_flags.parse_args(argv)
     path = config_file.write_settings(tmp_path / "run.toml", vars(args), ["a comment"])
     written = tomllib.loads(path.read_text(encoding="utf-8"))   # an independent TOML reader
     assert written["lr"] == 3e-4 and written["channel_mults"] == [1, 2] and written["flip"] is False
     assert written["data"] == 'a "quoted" folder\\with ünïcode\ttab'
-    assert "channels" not in written and "left to their defaults: channels" in path.read_text(encoding="utf-8")
-    again = train_script.parse_args(["--config", str(path)])
+    defaults_line = next(line for line in path.read_text(encoding="utf-8").splitlines()
+                         if line.startswith("# left to their defaults: "))
+    assert "channels" not in written and "channels" in defaults_line.split(": ", 1)[1].split(", ")
+    again = train_flags.parse_args(["--config", str(path)])
     assert settings_of(again) == settings_of(args)
 
 
@@ -40,7 +44,7 @@ def test_a_new_run_writes_settings_that_reproduce_it_and_resume_keeps_them(tmp_p
                         "--encoding-dim", "8", "--models-dir", str(models), "--log-dir", str(tmp_path / "log")])
     path = models / "MLPAE.toml"
     ckpt = torch.load(models / "Last_MLPAE.pth", weights_only=True)
-    args = train_script.parse_args(["--config", str(path)])
+    args = train_flags.parse_args(["--config", str(path)])
     saved = {k: v for k, v in {**ckpt["train_args"], **ckpt["config"]}.items() if k not in config_file.NOT_SETTINGS}
     assert settings_of(args) == saved   # the checkpoint's own record of the run
     marked = path.read_text() + "# this line stays\n"
@@ -56,8 +60,8 @@ def test_command_line_overrides_the_file(tmp_path):
     path = tmp_path / "vae.toml"
     path.write_text('[data]\nimage-size = 16\n[training]\nepochs = 3\nlr = 0.01\n'
                     '[model]\nmodel = "VAE"\nlatent_dim = 8\n')
-    args = train_script.parse_args(["--config", str(path), "--lr", "0.5", "--latent-dim", "4"])
-    plain = train_script.parse_args(["--model", "VAE"])
+    args = train_flags.parse_args(["--config", str(path), "--lr", "0.5", "--latent-dim", "4"])
+    plain = train_flags.parse_args(["--model", "VAE"])
     expected = {**vars(plain), "config": str(path), "image_size": 16, "epochs": 3, "lr": 0.5, "latent_dim": 4}
     assert vars(args) == expected
 
@@ -77,7 +81,7 @@ def test_bad_files_are_one_line_errors_naming_the_key_and_file(tmp_path, text, w
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(UserError) as error:
-        train_script.parse_args(["--config", str(path)])
+        train_flags.parse_args(["--config", str(path)])
     message = str(error.value)
     assert "\n" not in message and str(path) in message and all(w in message for w in words), message
 
@@ -93,12 +97,12 @@ def test_bad_file_exits_with_status_2_and_one_line(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_shipped_config_builds_its_model(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)   # its data folder is not here: only the flags and the model are checked
-    args = train_script.parse_args(["--config", str(path)])
+    args = train_flags.parse_args(["--config", str(path)])
     assert tomllib.loads(path.read_text())["model"]["model"] == args.model   # the recipes name it in [model]
-    module = train_script.MODELS[args.model]
+    module = registry.MODELS[args.model]
     shape = (args.channels or 3, args.image_size, args.image_size)
     for run_args in contract.runs(module, args):   # both stages of a latent diffusion model
-        model = train_script.build_model(args.model, common.config_from_args(module.Config, run_args), shape, 3)
+        model = registry.build_model(args.model, common.config_from_args(module.Config, run_args), shape, 3)
         x = torch.rand(2, *shape)
         with torch.no_grad():
             loss = model.loss(x, torch.tensor([0, 2]), generator=torch.Generator().manual_seed(0))["loss"]

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import common
+import image_data
 from common import UserError
 from conftest import SHARED_DATA, write_image_folder
 
@@ -27,14 +28,14 @@ def test_every_mode_and_format_loads_as_rgb(tmp_path):
     }
     for name, img in samples.items():
         img.save(tmp_path / name)
-    data = common.load_image_folder(tmp_path, image_size=16, cache_dir=tmp_path / "cache")
+    data = image_data.load_image_folder(tmp_path, image_size=16, cache_dir=tmp_path / "cache")
     assert data.images.shape == (len(samples), 3, 16, 16) and data.images.dtype == torch.uint8
     assert data.class_names == [tmp_path.name] and data.labels.tolist() == [0] * len(samples)
 
 
 def test_transparent_pixels_become_white(tmp_path):
     Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "clear.png")
-    data = common.load_image_folder(tmp_path, image_size=8, cache_dir=tmp_path / "cache")
+    data = image_data.load_image_folder(tmp_path, image_size=8, cache_dir=tmp_path / "cache")
     assert data.images.min() == 255
 
 
@@ -44,9 +45,9 @@ def test_channels_default_to_one_only_when_all_grayscale(tmp_path):
     for folder in (gray, mixed):
         Image.new("L", (10, 10), 100).save(folder / "a.png")
     Image.new("RGB", (10, 10), (1, 2, 3)).save(mixed / "b.png")
-    assert common.load_image_folder(gray, 8, cache_dir=tmp_path / "c").images.shape[1] == 1
-    assert common.load_image_folder(mixed, 8, cache_dir=tmp_path / "c").images.shape[1] == 3
-    assert common.load_image_folder(gray, 8, channels=3, cache_dir=tmp_path / "c").images.shape[1] == 3
+    assert image_data.load_image_folder(gray, 8, cache_dir=tmp_path / "c").images.shape[1] == 1
+    assert image_data.load_image_folder(mixed, 8, cache_dir=tmp_path / "c").images.shape[1] == 3
+    assert image_data.load_image_folder(gray, 8, channels=3, cache_dir=tmp_path / "c").images.shape[1] == 3
 
 
 def test_resize_is_pil_bilinear_of_the_rgb_image(tmp_path):
@@ -54,7 +55,7 @@ def test_resize_is_pil_bilinear_of_the_rgb_image(tmp_path):
     img = Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
     img.save(tmp_path / "x.png")
     expected = np.asarray(img.resize((24, 24), Image.BILINEAR)).transpose(2, 0, 1)
-    data = common.load_image_folder(tmp_path, 24, cache_dir=tmp_path / "cache")
+    data = image_data.load_image_folder(tmp_path, 24, cache_dir=tmp_path / "cache")
     assert np.array_equal(data.images[0].numpy(), expected)
 
 
@@ -65,7 +66,7 @@ def test_corrupt_and_non_image_files_are_skipped_with_one_warning(tmp_path):
     (tmp_path / "a" / "notes.txt").write_text("hello")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data = common.load_image_folder(tmp_path, 8, cache_dir=tmp_path / "cache")
+        data = image_data.load_image_folder(tmp_path, 8, cache_dir=tmp_path / "cache")
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "skipped 2 unreadable" in messages[0]
     assert data.images.shape[0] == 6 and data.labels.tolist() == [0, 0, 0, 1, 1, 1]
@@ -76,7 +77,7 @@ def test_class_folders_in_imagefolder_order(tmp_path):
         for name in names:
             (tmp_path / cls / name).parent.mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (4, 4)).save(tmp_path / cls / name)
-    files, labels, classes = common.list_image_folder(tmp_path)
+    files, labels, classes = image_data.list_image_folder(tmp_path)
     assert classes == ["alpha", "mid", "zeta"]
     assert [str(f.relative_to(tmp_path)) for f in files] == ["alpha/c.png", "mid/y.png", "mid/sub/z.png",
                                                               "zeta/a.png", "zeta/b.png"]
@@ -85,54 +86,54 @@ def test_class_folders_in_imagefolder_order(tmp_path):
 
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        common.load_image_folder(tmp_path / "nope", 8)
+        image_data.load_image_folder(tmp_path / "nope", 8)
     (tmp_path / "empty" / "classdir").mkdir(parents=True)
     (tmp_path / "empty" / "readme.txt").write_text("x")
     with pytest.raises(UserError, match="no images"):
-        common.load_image_folder(tmp_path / "empty", 8)
+        image_data.load_image_folder(tmp_path / "empty", 8)
 
 
 def test_second_load_decodes_nothing_and_a_change_invalidates(tmp_path, monkeypatch):
     root = write_image_folder(tmp_path / "data", per_class=4)
     cache = tmp_path / "cache"
-    first = common.load_image_folder(root, 12, cache_dir=cache)
+    first = image_data.load_image_folder(root, 12, cache_dir=cache)
     assert first.images.is_contiguous()  # (N, C, H, W) row-major, the same whether decoded or cached
 
     def no_decoding(*args):
         raise AssertionError("decoded although cached")
 
     with monkeypatch.context() as m:
-        m.setattr(common, "_decode", no_decoding)
-        second = common.load_image_folder(root, 12, cache_dir=cache)
+        m.setattr(image_data, "_decode", no_decoding)
+        second = image_data.load_image_folder(root, 12, cache_dir=cache)
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
     assert first.class_names == second.class_names
     Image.new("RGB", (20, 20), (0, 0, 0)).save(root / "a" / "999.png")  # a new file: decode again
-    third = common.load_image_folder(root, 12, cache_dir=cache)
+    third = image_data.load_image_folder(root, 12, cache_dir=cache)
     assert third.images.shape[0] == first.images.shape[0] + 1
-    assert common.load_image_folder(root, 16, cache_dir=cache).images.shape[-1] == 16  # other size: other key
+    assert image_data.load_image_folder(root, 16, cache_dir=cache).images.shape[-1] == 16  # other size: other key
 
 
 def test_split_matches_random_split_after_manual_seed():
     for n in (10, 2588, 3000):
-        train_idx, val_idx = common.split_indices(n, seed=0)
+        train_idx, val_idx = image_data.split_indices(n, seed=0)
         torch.manual_seed(0)
         ref_train, ref_val = torch.utils.data.random_split(range(n), [int(0.8 * n), n - int(0.8 * n)])
         assert train_idx.tolist() == list(ref_train.indices) and val_idx.tolist() == list(ref_val.indices)
-    a, b = common.split_indices(100, seed=0), common.split_indices(100, seed=1)
+    a, b = image_data.split_indices(100, seed=0), image_data.split_indices(100, seed=1)
     assert not torch.equal(a[0], b[0])
     assert sorted(a[0].tolist() + a[1].tolist()) == list(range(100))
 
 
 def test_shapes_are_deterministic_and_varied():
-    a = common.make_shapes(n=90, image_size=24, seed=0)
-    b = common.make_shapes(n=90, image_size=24, seed=0)
-    c = common.make_shapes(n=90, image_size=24, seed=1)
+    a = image_data.make_shapes(n=90, image_size=24, seed=0)
+    b = image_data.make_shapes(n=90, image_size=24, seed=0)
+    c = image_data.make_shapes(n=90, image_size=24, seed=1)
     assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
     assert a.images.shape == (90, 3, 24, 24) and len(a.class_names) == 9
     assert torch.bincount(a.labels).tolist() == [10] * 9
     per_image_std = a.images.float().flatten(1).std(1)
     assert per_image_std.min() > 10  # every image holds a visible shape, not a blank
-    assert common.make_shapes(n=9, image_size=28, channels=1).images.shape == (9, 1, 28, 28)
+    assert image_data.make_shapes(n=9, image_size=28, channels=1).images.shape == (9, 1, 28, 28)
     # antialiased: edge pixels take values between background and shape
     assert len(torch.unique(a.images[0])) > 20
 
@@ -140,11 +141,11 @@ def test_shapes_are_deterministic_and_varied():
 def test_batches_cover_the_set_once_and_flip_mirrors():
     images = torch.arange(10 * 3 * 2 * 2, dtype=torch.uint8).reshape(10, 3, 2, 2)
     labels = torch.arange(10)
-    seen = torch.cat([y for _, y in common.iterate_batches(images, labels, 4, torch.Generator().manual_seed(0))])
+    seen = torch.cat([y for _, y in image_data.iterate_batches(images, labels, 4, torch.Generator().manual_seed(0))])
     assert sorted(seen.tolist()) == list(range(10))
-    x, _ = next(common.iterate_batches(images, labels, 10, shuffle=False))
+    x, _ = next(image_data.iterate_batches(images, labels, 10, shuffle=False))
     assert x.dtype == torch.float32 and torch.allclose(x, images.float() / 255)
-    flipped = torch.cat([x for x, _ in common.iterate_batches(images, labels, 10, torch.Generator().manual_seed(3),
+    flipped = torch.cat([x for x, _ in image_data.iterate_batches(images, labels, 10, torch.Generator().manual_seed(3),
                                                                flip=True, shuffle=False)])
     mirrored = [torch.equal(flipped[i], images[i].float().div(255).flip(-1)) for i in range(10)]
     kept = [torch.equal(flipped[i], images[i].float().div(255)) for i in range(10)]
@@ -179,11 +180,11 @@ def test_saved_grid_is_torchvision_save_image_scaled_up(tmp_path):
 
 @pytest.mark.skipif(not (SHARED_DATA / "flowers").is_dir(), reason="shared flowers data not present")
 def test_flowers_folder_as_the_nn_lab_uses_it(tmp_path):
-    data = common.load_image_folder(SHARED_DATA / "flowers", 24, cache_dir=tmp_path)
+    data = image_data.load_image_folder(SHARED_DATA / "flowers", 24, cache_dir=tmp_path)
     assert data.class_names == ["astilbe", "bellflower", "calendula"]
     assert data.images.shape == (2588, 3, 24, 24)
     assert torch.bincount(data.labels).tolist() == [737, 873, 978]
-    train_idx, val_idx = common.split_indices(len(data.images), 0)
+    train_idx, val_idx = image_data.split_indices(len(data.images), 0)
     assert (len(train_idx), len(val_idx)) == (2070, 518)
 
 
@@ -194,5 +195,5 @@ def test_grayscale_pngs_give_one_channel(tmp_path):
         (folder / digit).mkdir(parents=True)
         for src in sorted((SHARED_DATA / "mnist_test" / digit).iterdir())[:5]:
             (folder / digit / src.name).write_bytes(src.read_bytes())
-    data = common.load_image_folder(folder, 28, cache_dir=tmp_path / "cache")
+    data = image_data.load_image_folder(folder, 28, cache_dir=tmp_path / "cache")
     assert data.images.shape == (10, 1, 28, 28) and data.class_names == ["3", "7"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import image_data
 from common import UserError
 from conftest import REPO, write_image_folder
 
@@ -54,12 +54,12 @@ def test_class_folders_read_as_torchvision_imagefolder_lists_them(tmp_path):
     (root / "zeta" / "notes.txt").write_text("not an image")
     (root / "zeta" / "broken.jpg").write_bytes(b"not a jpeg")                   # listed by both, unreadable
     reference = ImageFolder(str(root))
-    files, labels, classes = common.list_image_folder(root)
+    files, labels, classes = image_data.list_image_folder(root)
     assert classes == reference.classes == ["Alpha", "mid", "zeta"]
     assert [(str(f), label) for f, label in zip(files, labels)] == reference.samples
     readable = [(path, label) for path, label in reference.samples if not path.endswith("broken.jpg")]
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
-        data = common.load_image_folder(root, 6, cache_dir=tmp_path / "cache")
+        data = image_data.load_image_folder(root, 6, cache_dir=tmp_path / "cache")
     assert data.labels.tolist() == [label for _, label in readable]
     assert np.array_equal(data.images.numpy(), np.stack([resized(path, 6) for path, _ in readable]))
 
@@ -67,7 +67,7 @@ def test_class_folders_read_as_torchvision_imagefolder_lists_them(tmp_path):
 def test_a_link_to_the_folder_itself_reads_each_image_once(tmp_path):
     root = write_image_folder(tmp_path, per_class=3, size=4, classes=("flat",)) / "flat"
     os.symlink(".", root / "again")
-    data = common.load_image_folder(root, 4, cache_dir=tmp_path / "cache")
+    data = image_data.load_image_folder(root, 4, cache_dir=tmp_path / "cache")
     assert data.images.shape[0] == 3 and data.class_names == ["flat"]
 
 
@@ -78,7 +78,7 @@ def test_links_to_parents_and_to_other_classes_neither_hang_nor_duplicate(tmp_pa
     os.symlink("../a", root / "b" / "to_a")
     os.symlink(".", root / "b" / "self")
     with time_limit(20):
-        files, labels, classes = common.list_image_folder(root)
+        files, labels, classes = image_data.list_image_folder(root)
     assert classes == ["a", "b"] and labels == [0, 0, 1, 1]
     assert [str(f.relative_to(root)) for f in files] == ["a/000.png", "a/001.png", "b/000.png", "b/001.png"]
 
@@ -88,7 +88,7 @@ def test_a_link_to_another_real_folder_is_followed(tmp_path):
     root = write_image_folder(tmp_path / "data", per_class=1, size=4)
     os.symlink(elsewhere / "birds", root / "birds")               # a linked class
     os.symlink(elsewhere / "birds", root / "a" / "more")          # the same real folder again: read once
-    files, labels, classes = common.list_image_folder(root)
+    files, labels, classes = image_data.list_image_folder(root)
     assert classes == ["a", "b", "birds"] and labels == [0, 1, 2, 2]
     assert [str(f.relative_to(root)) for f in files] == ["a/000.png", "b/000.png", "birds/000.png", "birds/001.png"]
 
@@ -96,7 +96,7 @@ def test_a_link_to_another_real_folder_is_followed(tmp_path):
 def test_data_pointing_to_a_file_says_so(tmp_path):
     (tmp_path / "photo.jpg").write_bytes(b"x")
     with pytest.raises(UserError, match=r"'.*photo.jpg' is a file, not a folder; pass --data PATH to a folder"):
-        common.load_data(str(tmp_path / "photo.jpg"), 8)
+        image_data.load_data(str(tmp_path / "photo.jpg"), 8)
 
 
 # --- unreadable files and a damaged cache ---------------------------------------------------------
@@ -118,7 +118,7 @@ def deny_reading(path, monkeypatch):
 def load_warning(root, cache, **kwargs):
     """Load a folder; (data, the one warning's text). Fails unless exactly one warning is given."""
     with pytest.warns(UserWarning) as caught:
-        data = common.load_image_folder(root, 8, cache_dir=cache, **kwargs)
+        data = image_data.load_image_folder(root, 8, cache_dir=cache, **kwargs)
     assert len(caught) == 1, [str(w.message) for w in caught]
     return data, str(caught[0].message)
 
@@ -139,7 +139,7 @@ def test_unreadable_files_are_skipped_counted_in_one_warning_and_remembered_by_t
     data, message = load_warning(root, tmp_path / "cache")
     assert message.startswith(f"skipped 5 unreadable image file(s) in '{root}' (e.g. broken.jpg (")
     assert np.array_equal(data.images.numpy(), np.stack(grey)[:, None])   # 1 channel: all readable ones are grey
-    monkeypatch.setattr(common, "_decode", lambda *args: pytest.fail("decoded although cached"))
+    monkeypatch.setattr(image_data, "_decode", lambda *args: pytest.fail("decoded although cached"))
     cached, cached_message = load_warning(root, tmp_path / "cache")
     assert cached_message == message and torch.equal(cached.images, data.images)
 
@@ -148,14 +148,14 @@ def test_a_folder_with_no_readable_image_is_a_user_error(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"garbage")
     (tmp_path / "b.png").write_text("")
     with pytest.raises(UserError, match=r"none of the 2 image files in '.*' could be read \(e.g. a.jpg \("):
-        common.load_image_folder(tmp_path, 8, cache_dir=tmp_path / "cache")
+        image_data.load_image_folder(tmp_path, 8, cache_dir=tmp_path / "cache")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
 def test_an_unreadable_cache_file_is_rebuilt_with_one_warning(tmp_path, monkeypatch, damage):
     root = write_image_folder(tmp_path / "data", per_class=2, size=8)
     cache = tmp_path / "cache"
-    first = common.load_image_folder(root, 8, cache_dir=cache)
+    first = image_data.load_image_folder(root, 8, cache_dir=cache)
     [cache_file] = cache.iterdir()
     good = cache_file.read_bytes()
     cache_file.write_bytes({"garbage": b"\x00garbage" * 50, "truncated": good[:len(good) // 2], "empty": b""}[damage])
@@ -163,8 +163,8 @@ def test_an_unreadable_cache_file_is_rebuilt_with_one_warning(tmp_path, monkeypa
     assert f"the data cache '{cache_file}' was unreadable" in message and "rebuilt" in message
     assert torch.equal(rebuilt.images, first.images) and torch.equal(rebuilt.labels, first.labels)
     assert cache_file.read_bytes() == good
-    monkeypatch.setattr(common, "_decode", lambda *args: pytest.fail("decoded although the cache was rebuilt"))
-    common.load_image_folder(root, 8, cache_dir=cache)
+    monkeypatch.setattr(image_data, "_decode", lambda *args: pytest.fail("decoded although the cache was rebuilt"))
+    image_data.load_image_folder(root, 8, cache_dir=cache)
 
 
 # --- decoding --------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def test_16_bit_grey_is_scaled_to_8_bits(tmp_path, name, dtype):
     gradient = (np.arange(16 * 16).reshape(16, 16) * 257 + np.arange(16)).astype(dtype)   # 0 .. 65535, off the grid
     Image.fromarray(gradient).save(tmp_path / name)
     assert Image.open(tmp_path / name).mode == {np.uint16: "I;16", np.int32: "I"}[dtype]
-    data = common.load_image_folder(tmp_path, 16, cache_dir=tmp_path / "cache")
+    data = image_data.load_image_folder(tmp_path, 16, cache_dir=tmp_path / "cache")
     expected = np.floor(gradient.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
     assert data.images.shape == (1, 1, 16, 16) and np.array_equal(data.images[0, 0].numpy(), expected)
 
@@ -184,7 +184,7 @@ def test_grey_files_beside_colour_ones_decode_as_their_rgb_conversion(tmp_path):
     Image.fromarray(rng.integers(0, 256, (9, 13), dtype=np.uint8)).save(tmp_path / "grey.png")
     Image.fromarray(rng.integers(0, 256, (9, 13, 2), dtype=np.uint8)).save(tmp_path / "grey_alpha.png")
     Image.fromarray(rng.integers(0, 256, (11, 7, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
-    data = common.load_image_folder(tmp_path, 6, cache_dir=tmp_path / "cache")
+    data = image_data.load_image_folder(tmp_path, 6, cache_dir=tmp_path / "cache")
     alpha = Image.open(tmp_path / "grey_alpha.png").convert("RGBA")
     on_white = Image.alpha_composite(Image.new("RGBA", alpha.size, (255,) * 4), alpha).convert("RGB")
     expected = [resized(tmp_path / "grey.png", 6), np.asarray(on_white.resize((6, 6), Image.BILINEAR)).transpose(2, 0, 1),
@@ -198,26 +198,26 @@ def test_grey_files_beside_colour_ones_decode_as_their_rgb_conversion(tmp_path):
 def test_too_few_images_for_the_split_is_a_user_error(n):
     with pytest.raises(UserError, match=rf"^{n} image\(s\) are too few: the 80%/20% train/validation split leaves "
                                         rf"0 training and {n} validation images; use a folder with at least 2"):
-        common.split_indices(n)
-    train_idx, val_idx = common.split_indices(2)
+        image_data.split_indices(n)
+    train_idx, val_idx = image_data.split_indices(2)
     assert len(train_idx) == 1 and len(val_idx) == 1
 
 
 def test_fingerprint_is_the_same_for_the_same_data_and_changes_with_it(tmp_path):
     root = write_image_folder(tmp_path / "data", per_class=3, size=6)
-    decoded = common.load_image_folder(root, 6, cache_dir=tmp_path / "cache")
-    cached = common.load_image_folder(root, 6, cache_dir=tmp_path / "cache")
-    copied = common.load_image_folder(write_image_folder(tmp_path / "copy", per_class=3, size=6), 6,
-                                      cache_dir=tmp_path / "cache")
+    decoded = image_data.load_image_folder(root, 6, cache_dir=tmp_path / "cache")
+    cached = image_data.load_image_folder(root, 6, cache_dir=tmp_path / "cache")
+    copied = image_data.load_image_folder(write_image_folder(tmp_path / "copy", per_class=3, size=6), 6,
+                                          cache_dir=tmp_path / "cache")
     assert len(decoded.fingerprint) == 16 and int(decoded.fingerprint, 16) >= 0
     assert decoded.fingerprint == cached.fingerprint == copied.fingerprint
     Image.new("RGB", (6, 6)).save(root / "b" / "new.png")
-    one_more_image = common.load_image_folder(root, 6, cache_dir=tmp_path / "cache")
+    one_more_image = image_data.load_image_folder(root, 6, cache_dir=tmp_path / "cache")
     write_image_folder(root, per_class=1, size=6, classes=("c",))
-    one_more_class = common.load_image_folder(root, 6, cache_dir=tmp_path / "cache")
+    one_more_class = image_data.load_image_folder(root, 6, cache_dir=tmp_path / "cache")
     (root / "c").rename(root / "d")
-    renamed_class = common.load_image_folder(root, 6, cache_dir=tmp_path / "cache")
+    renamed_class = image_data.load_image_folder(root, 6, cache_dir=tmp_path / "cache")
     fingerprints = {d.fingerprint for d in (decoded, one_more_image, one_more_class, renamed_class)}
     assert len(fingerprints) == 4
-    shapes = common.make_shapes(n=18)
-    assert shapes.fingerprint == common.make_shapes(n=18).fingerprint != common.make_shapes(n=18, seed=1).fingerprint
+    shapes = image_data.make_shapes(n=18)
+    assert shapes.fingerprint == image_data.make_shapes(n=18).fingerprint != image_data.make_shapes(n=18, seed=1).fingerprint

@@ -8,6 +8,7 @@ import torch
 
 import common
 import ddpm
+import registry
 import samplers
 import train_script
 from common import UserError
@@ -178,7 +179,7 @@ def test_checkpoint_round_trip_keeps_both_weights_and_the_ema_count(tmp_path):
             "--timesteps", "20", "--width", "8", "--channel-mults", "1", "2", "--attention-levels", "1",
             "--models-dir", str(tmp_path / "models"), "--log-dir", str(tmp_path / "log")]
     model, _ = train_script.train(argv)
-    rebuilt, ckpt = train_script.load_model(tmp_path / "models" / "Last_diffusion.pth", "diffusion")
+    rebuilt, ckpt = registry.load_model(tmp_path / "models" / "Last_diffusion.pth", "diffusion")
     assert rebuilt.conditional and ckpt["class_names"] == ["a", "b"]
     assert rebuilt.ema_updates.item() == 6   # 3 batches x 2 epochs
     for name, a in model.state_dict().items():

@@ -60,7 +60,7 @@ def test_two_processes_with_batch_b_step_as_one_process_with_batch_2b_and_only_r
     assert_same(two[0], one.state_dict(), 1e-6)
     outs = [(tmp_path / f"stdout_{r}.txt").read_text() for r in range(2)]
     assert outs[0].count("epoch 1 ") == 1 and "x 2 processes" in outs[0] and outs[1] == ""
-    assert sorted(p.name for p in (tmp_path / "two" / "models").iterdir()) == ["Best_MLPAE.pth", "Last_MLPAE.pth"]
+    assert sorted(p.name for p in (tmp_path / "two" / "models").iterdir()) == ["Best_MLPAE.pth", "Last_MLPAE.pth", "MLPAE.toml"]
     assert len(list((tmp_path / "two" / "log" / "MLPAE").iterdir())) == 1   # one TensorBoard file: rank 0's
 
 

@@ -12,13 +12,14 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import common
 import evaluator
 import fid
+import image_data
+import registry
 import train_script
 from common import UserError
-from contract import GenerativeModel
 from conftest import write_image_folder
+from contract import GenerativeModel
 
 
 def write_separable_folder(root, per_class=15, size=16, seed=0):
@@ -49,7 +50,7 @@ def metric_args(**overrides):
 
 @pytest.fixture(scope="module")
 def shapes_evaluator(tmp_path_factory):
-    data = common.make_shapes(n=1200, image_size=12)
+    data = image_data.make_shapes(n=1200, image_size=12)
     net, val_accuracy = fid.train_evaluator(data, epochs=5, batch_size=32, lr=5e-3, width=8, log=lambda line: None)
     path = tmp_path_factory.mktemp("evaluator") / "Evaluator_shapes_12.pth"
     fid.save_evaluator(net, data, val_accuracy, 0, path, epochs=5)
@@ -60,7 +61,7 @@ def test_evaluator_is_accurate_and_its_distance_ranks_real_below_noise(shapes_ev
     data, path, val_accuracy = shapes_evaluator
     assert val_accuracy > 0.85
     extractor = fid.make_extractor("evaluator", evaluator_file=path, for_selection=True)
-    train_idx, val_idx = common.split_indices(len(data.images), 0)
+    train_idx, val_idx = image_data.split_indices(len(data.images), 0)
     real_val = extractor(data.images[val_idx], cache=False)
     real_train = extractor(data.images[train_idx[:len(val_idx)]], cache=False)
     noise = extractor(torch.randint(0, 256, data.images[val_idx].shape, dtype=torch.uint8), cache=False)
@@ -70,12 +71,12 @@ def test_evaluator_is_accurate_and_its_distance_ranks_real_below_noise(shapes_ev
     with pytest.raises(UserError, match="trained on 3x12x12"):
         extractor(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
     with pytest.raises(UserError, match="uint8 images.*fid.quantize"):
-        extractor(common.to_float(data.images[val_idx]))
+        extractor(image_data.to_float(data.images[val_idx]))
 
 
 def test_evaluator_needs_classes(tmp_path):
     write_image_folder(tmp_path / "flat", per_class=4, size=8, classes=("only",))
-    data = common.load_data(str(tmp_path / "flat"), 8)
+    data = image_data.load_data(str(tmp_path / "flat"), 8)
     with pytest.raises(UserError, match="needs at least 2 classes"):
         fid.train_evaluator(data, epochs=1)
 
@@ -93,12 +94,12 @@ class ConditionalFake(nn.Module):
         self.asked.append(labels.clone())
         picks = [torch.nonzero(self.data.labels == int(c)).flatten() for c in labels]
         idx = torch.stack([p[torch.randint(len(p), (1,), generator=generator)][0] for p in picks])
-        return common.to_float(self.data.images[idx])
+        return image_data.to_float(self.data.images[idx])
 
 
 def test_conditional_samples_match_class_proportions_and_are_classified(shapes_evaluator):
     data, path, _ = shapes_evaluator
-    _, val_idx = common.split_indices(len(data.images), 0)
+    _, val_idx = image_data.split_indices(len(data.images), 0)
     quality = fid.SampleQuality([fid.make_extractor("evaluator", evaluator_file=path)], data.images[val_idx],
                                 data.labels[val_idx], seed=0)
     model = ConditionalFake(data)
@@ -126,7 +127,7 @@ def test_train_evaluator_warns_at_chance_and_the_checkpoint_records_it(evaluator
     path, printed = evaluator_at_chance
     ckpt = torch.load(path, weights_only=True)
     # independent: the val split's labels, and the one class a network that cannot tell images apart predicts
-    _, val_idx = common.split_indices(54, 0)
+    _, val_idx = image_data.split_indices(54, 0)
     val_labels = torch.arange(3).repeat_interleave(18)[val_idx]
     net = evaluator.Evaluator((3, 8, 8), 3, 4)
     net.load_state_dict(ckpt["state"])
@@ -167,7 +168,7 @@ def test_an_evaluator_at_chance_is_refused_for_choosing_best_and_only_warned_abo
 def test_a_missing_evaluator_is_trained_on_first_need_by_the_command_it_prints_then_reused(tmp_path, monkeypatch,
                                                                                            capsys):
     data_dir = write_separable_folder(tmp_path / "data")
-    dataset = common.load_data(str(data_dir), 8)
+    dataset = image_data.load_data(str(data_dir), 8)
     models = tmp_path / "models"
     [extractor] = fid.extractors_from_args(metric_args(), str(data_dir), 8, "cpu", str(models), dataset=dataset,
                                            for_selection=True)
@@ -234,7 +235,7 @@ class QualitySelected(GenerativeModel):
 def test_training_selects_and_early_stops_on_fd_eval_for_quality_selected_models(tmp_path, monkeypatch, capsys):
     write_separable_folder(tmp_path / "data", per_class=20)
     fake = types.SimpleNamespace(__name__="fake", Config=FakeConfig, TRAIN_DEFAULTS={}, Model=QualitySelected)
-    monkeypatch.setitem(train_script.MODELS, "fake", fake)
+    monkeypatch.setitem(registry.MODELS, "fake", fake)
     argv = ["--model", "fake", "--data", str(tmp_path / "data"), "--image-size", "8", "--epochs", "10",
             "--patience", "2", "--fid-every", "1", "--fid-features", "evaluator", "--fid-samples", "12",
             "--models-dir", str(tmp_path / "models"), "--log-dir", str(tmp_path / "log")]

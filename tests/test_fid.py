@@ -9,8 +9,8 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 
-import common
 import fid
+import image_data
 import train_script
 from common import UserError
 from conftest import run_script, write_image_folder
@@ -137,7 +137,7 @@ def test_statistics_and_sample_quality_refuse_fewer_than_two_images():
 @pytest.fixture
 def evaluator_8(tmp_path):
     write_image_folder(tmp_path / "data", per_class=10, size=8, classes=("x", "y"))
-    data = common.load_data(str(tmp_path / "data"), 8)
+    data = image_data.load_data(str(tmp_path / "data"), 8)
     net, val_accuracy = fid.train_evaluator(data, epochs=1, width=4, log=lambda line: None)
     fid.save_evaluator(net, data, val_accuracy, 0, tmp_path / "ev.pth")
     return tmp_path / "ev.pth"
@@ -213,5 +213,6 @@ def test_random_generation_fid_with_the_evaluator_trained_on_first_need(tmp_path
                         cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "no evaluator" not in result.stdout   # reused
-    last = result.stdout.strip().splitlines()[-1]
+    last, memorised = result.stdout.strip().splitlines()[-2:]
     assert last.startswith("FD_eval ") and "KID_eval" in last and "6 samples vs the 6 validation images" in last
+    assert memorised.startswith("memorisation: of ")

@@ -7,16 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
 import contract
 import diffaugment
 import fid
 import gan
+import image_data
+import train_flags
 import train_script
 from common import TrainingDiverged, UserError
 from conftest import run_script, write_image_folder
 
-TINY = dict(latent_dim=8, ngf=4, ndf=4)
+TINY = dict(latent_dim=8, ngf=4, ndf=4, augment="")   # plain DCGAN; a test that augments says so
 
 
 def build(image_shape=(3, 24, 24), num_classes=1, **config):
@@ -108,11 +109,11 @@ def test_train_step_updates_both_networks_and_reports_the_terms():
     assert not any(torch.equal(a, b) for a, b in zip(d_before, model.discriminator.parameters()))
     assert not any(torch.equal(a, b) for a, b in zip(g_before, model.generator.parameters()))
     assert opts["generator"].param_groups[0]["betas"] == (0.5, 0.999)   # DCGAN's Adam, from TRAIN_DEFAULTS
-    assert train_script.parse_args(["--model", "GAN"]).adam_beta1 == 0.5
-    assert train_script.parse_args(["--model", "VAE"]).adam_beta1 == 0.9
-    args = train_script.parse_args(["--model", "GAN", "--adam-beta1", "0", "--adam-beta2", "0.9"])
+    assert train_flags.parse_args(["--model", "GAN"]).adam_beta1 == 0.5
+    assert train_flags.parse_args(["--model", "VAE"]).adam_beta1 == 0.9
+    args = train_flags.parse_args(["--model", "GAN", "--adam-beta1", "0", "--adam-beta2", "0.9"])
     assert train_script.make_optimizer(model.generator, args).param_groups[0]["betas"] == (0.0, 0.9)
-    assert train_script.parse_args(["--model", "GAN"]).adam_beta2 == 0.999
+    assert train_flags.parse_args(["--model", "GAN"]).adam_beta2 == 0.999
 
 
 def test_ema_update_math():
@@ -184,11 +185,11 @@ def test_auto_features_are_fid_with_the_inception_weights_else_the_evaluator(tmp
 
 
 def test_a_diverged_run_exits_non_zero_and_keeps_best(tmp_path, monkeypatch, capsys):
-    data = common.make_shapes(n=120, image_size=8)
+    data = image_data.make_shapes(n=120, image_size=8)
     evaluator = tmp_path / "models" / "Evaluator_shapes_8.pth"
     net, accuracy = fid.train_evaluator(data, log=lambda line: None)   # the defaults: well above chance
     fid.save_evaluator(net, data, accuracy, 0, evaluator)
-    monkeypatch.setattr(common, "make_shapes", lambda **kwargs: data)
+    monkeypatch.setattr(image_data, "make_shapes", lambda **kwargs: data)
     argv = ["--model", "GAN", "--image-size", "8", "--batch-size", "32", "--ngf", "4", "--ndf", "4",
             "--fid-every", "1", "--fid-features", "evaluator", "--models-dir", str(tmp_path / "models"),
             "--log-dir", str(tmp_path / "log")]
@@ -218,7 +219,7 @@ def test_cli_end_to_end_on_the_bundled_data(tmp_path, monkeypatch):
                         "--fid", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "vis" / "random_images_GAN.png").is_file()
-    last = result.stdout.strip().splitlines()[-1]   # measured as in training: FD_eval, with the class accuracy
+    last = result.stdout.strip().splitlines()[-2]   # the last is the memorisation check; measured as in training: FD_eval, with the class accuracy
     assert last.startswith("FD_eval ") and "accuracy_eval" in last and "600 samples vs the 600" in last
 
 

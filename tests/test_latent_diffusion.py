@@ -5,7 +5,10 @@ import pytest
 import torch
 
 import common
+import image_data
 import latent_diffusion as ldm
+import registry
+import train_flags
 import train_script
 from common import UserError
 from conftest import run_script, write_image_folder
@@ -74,12 +77,12 @@ def test_stage1_loss_is_l1_plus_a_small_kl_and_falls_on_a_fixed_batch():
 
 def test_latent_scale_makes_training_latents_unit_variance_and_records_the_autoencoder(stage1):
     root, data_dir, _ = stage1
-    data = common.load_data(str(data_dir), 8)
-    train_idx, _ = common.split_indices(len(data.images), 0)
+    data = image_data.load_data(str(data_dir), 8)
+    train_idx, _ = image_data.split_indices(len(data.images), 0)
     model = ldm.Model(config(stage="diffusion", autoencoder=str(root / "models" / "Best_LDM_autoencoder.pth")),
                       data.image_shape, 2)
     model.prepare(data, data.images[train_idx])
-    z = model.latents(common.to_float(data.images[train_idx]), torch.Generator().manual_seed(123))
+    z = model.latents(image_data.to_float(data.images[train_idx]), torch.Generator().manual_seed(123))
     assert abs(z.var().item() - 1) < 0.05 and model.latent_scale.item() != 1
     ckpt = torch.load(root / "models" / "Best_LDM_autoencoder.pth", weights_only=True)
     assert model.first_stage["fingerprint"] == ldm.fingerprint(ckpt["model_state"])
@@ -141,17 +144,17 @@ def test_cli_end_to_end_on_the_bundled_shapes(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit) if "--checkpoint" in argv else nullcontext():
             common.run_cli(script.main)
 
-    runs = list(ldm.stages(train_script.parse_args(["--model", "LDM", *flags])))   # stage 1 fits: reused, said so
+    runs = list(ldm.stages(train_flags.parse_args(["--model", "LDM", *flags])))   # stage 1 fits: reused, said so
     assert [r.stage for r in runs] == ["diffusion"] and runs[0].autoencoder == "models/Best_LDM_autoencoder.pth"
     assert "# stage 1: reusing models/Best_LDM_autoencoder.pth" in capsys.readouterr().out
-    runs = list(ldm.stages(train_script.parse_args(["--model", "LDM", *flags, "--latent-channels", "3"])))
+    runs = list(ldm.stages(train_flags.parse_args(["--model", "LDM", *flags, "--latent-channels", "3"])))
     assert [r.stage for r in runs] == ["autoencoder", "diffusion"] and runs[0].run_name == "LDM_autoencoder"
     assert "retraining models/Best_LDM_autoencoder.pth, as it has --latent-channels 2" in capsys.readouterr().out
     run(random_generation, "--model", "LDM", "--n", "4", "--steps", "3", "--class-label", "blue_square")
     run(visualization, "--model", "LDM", "--n", "4")
     for picture in ("random_images_LDM", "train_LDM", "valid_LDM", "denoising_LDM", "loss_LDM"):
         assert (tmp_path / "vis" / f"{picture}.png").is_file(), picture
-    model, ckpt = train_script.load_model("models/Best_LDM.pth", "LDM")   # the checkpoint alone
+    model, ckpt = registry.load_model("models/Best_LDM.pth", "LDM")   # the checkpoint alone
     stage1 = torch.load("models/Best_LDM_autoencoder.pth", weights_only=True)
     assert ckpt["model_state"]["_extra_state"]["fingerprint"] == ldm.fingerprint(stage1["model_state"])
     assert model.latent_scale.item() == ckpt["model_state"]["latent_scale"].item() != 1

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-import common
+import image_data
 import memorisation
 
 
@@ -22,7 +22,7 @@ class MeanColour:
 
 
 def test_flags_a_copy_of_a_training_image_and_not_a_fresh_validation_image():
-    data = common.make_shapes(n=300, image_size=8)
+    data = image_data.make_shapes(n=300, image_size=8)
     train, validation = data.images[:200], data.images[200:]
     val_distances, _ = brute_force_nearest(validation.flatten(1) / 255, train.flatten(1) / 255)
     typical = int(np.argsort(val_distances)[len(val_distances) // 2])   # a validation image of median distance
@@ -46,7 +46,7 @@ def test_flags_a_copy_of_a_training_image_and_not_a_fresh_validation_image():
 
 
 def test_validation_images_themselves_give_about_five_percent():
-    data = common.make_shapes(n=500, image_size=8)
+    data = image_data.make_shapes(n=500, image_size=8)
     train, validation = data.images[:400], data.images[400:]
     (pixels,) = memorisation.check(validation, train, validation)
     distances, _ = brute_force_nearest(validation.flatten(1) / 255, train.flatten(1) / 255)

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-import common
+import image_data
 import vae
 from common import UserError
-from train_script import MODELS
+from registry import MODELS
 
 AUTOENCODERS = ["MLPAE", "AE", "VAE"]
 
@@ -37,7 +37,7 @@ def test_reconstructions_and_samples_have_the_data_shape_and_range(name, image_s
 def test_loss_falls_on_a_fixed_batch(name):
     torch.manual_seed(0)
     model = build(name)
-    x = common.to_float(common.make_shapes(n=16, image_size=24).images)
+    x = image_data.to_float(image_data.make_shapes(n=16, image_size=24).images)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
     first = None

@@ -8,20 +8,11 @@ import torch
 
 import common
 import contract
+import registry
+import train_flags
 import train_script
 from common import UserError
-from conftest import run_script, write_image_folder
-
-
-@pytest.fixture
-def tiny_data(tmp_path):
-    return write_image_folder(tmp_path / "data", per_class=20, size=16, classes=("x", "y"))
-
-
-def train(tmp_path, data, *flags):
-    argv = ["--data", str(data), "--image-size", "8", "--batch-size", "8",
-            "--models-dir", str(tmp_path / "models"), "--log-dir", str(tmp_path / "log"), *map(str, flags)]
-    return train_script.train(argv)
+from conftest import run_script, train, write_image_folder
 
 
 def files(folder):
@@ -101,7 +92,7 @@ def test_resume_refuses_changed_data(tmp_path, tiny_data, change):
 ])
 def test_numeric_flags_are_checked_when_parsed(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train_script.parse_args(["--model", "MLPAE", flag, value])
+        train_flags.parse_args(["--model", "MLPAE", flag, value])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1
     assert err[0].startswith(f"error: argument {flag}:") and value in err[0]
@@ -112,7 +103,7 @@ def test_model_flags_with_a_fixed_set_of_values_are_choices(capsys):
                                ("GAN", "--loss", "wasserstein"), ("LDM", "--ae-loss", "l2"),
                                ("LDM", "--ae-downsample", "3"), ("diffusion", "--label-dropout", "2")]:
         with pytest.raises(SystemExit):
-            train_script.parse_args(["--model", model, flag, value])
+            train_flags.parse_args(["--model", model, flag, value])
         assert f"error: argument {flag}:" in capsys.readouterr().err
 
 
@@ -175,7 +166,7 @@ def test_stale_temporaries_of_a_killed_save_are_removed_by_the_next_run(tmp_path
 def test_incomplete_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"model": "VAE", "config": {}}, tmp_path / "partial.pth")
     with pytest.raises(UserError, match="incomplete genlab checkpoint .*no train_args, image_shape"):
-        train_script.load_model(tmp_path / "partial.pth")
+        registry.load_model(tmp_path / "partial.pth")
 
 
 def test_sampling_flags_that_do_not_apply_are_errors(tmp_path):

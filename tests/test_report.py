@@ -8,6 +8,7 @@ import torch
 
 import common
 import fid
+import registry
 import report
 import train_script
 from conftest import run_script
@@ -56,9 +57,9 @@ def test_memorisation_rows_match_brute_force(runs, tmp_path):
     models = runs / "models"
     report.main(["A", "--models-dir", str(models), "--out", str(tmp_path), "--samples", "32"])
     markdown = (tmp_path / "report.md").read_text()
-    model, ckpt = train_script.load_model(models / "Last_A.pth")
+    model, ckpt = registry.load_model(models / "Last_A.pth")
     samples = fid.generate(model, 32, torch.Generator().manual_seed(0))   # what the report drew: seed 0
-    data, train_idx, val_idx = train_script.checkpoint_data(ckpt)
+    data, train_idx, val_idx = registry.checkpoint_data(ckpt)
     train, validation = data.images[train_idx].flatten(1) / 255, data.images[val_idx].flatten(1) / 255
     distances, _ = brute_force_nearest(samples.flatten(1) / 255, train)
     val_distances, _ = brute_force_nearest(validation, train)

@@ -2,20 +2,9 @@
 import pytest
 import torch
 
-import train_script
+import registry
 from common import UserError
-from conftest import write_image_folder
-
-
-@pytest.fixture
-def tiny_data(tmp_path):
-    return write_image_folder(tmp_path / "data", per_class=20, size=16, classes=("x", "y"))
-
-
-def train(tmp_path, data, *flags):
-    argv = ["--data", str(data), "--image-size", "8", "--batch-size", "8",
-            "--models-dir", str(tmp_path / "models"), "--log-dir", str(tmp_path / "log"), *map(str, flags)]
-    return train_script.train(argv)
+from conftest import train
 
 
 def test_checkpoint_round_trip_rebuilds_the_model_from_the_file_alone(tmp_path, tiny_data):
@@ -27,12 +16,12 @@ def test_checkpoint_round_trip_rebuilds_the_model_from_the_file_alone(tmp_path, 
         assert key in ckpt
     assert ckpt["config"] == {"latent_dim": 16, "beta": 1.0} and ckpt["image_shape"] == [3, 8, 8]
     assert ckpt["class_names"] == ["x", "y"] and ckpt["epoch"] == 2 and len(ckpt["history"]) == 2
-    rebuilt, _ = train_script.load_model(path, "VAE")
+    rebuilt, _ = registry.load_model(path, "VAE")
     model.eval(), rebuilt.eval()
     x = torch.rand(4, 3, 8, 8)
     assert torch.equal(model.reconstruct(x), rebuilt.reconstruct(x))
     with pytest.raises(UserError, match="holds a VAE model, not AE"):
-        train_script.load_model(path, "AE")
+        registry.load_model(path, "AE")
 
 
 @pytest.mark.parametrize("name", ["VAE", "MLPAE"])
@@ -92,4 +81,4 @@ def test_nan_loss_stops_with_an_error_and_keeps_best(tmp_path, tiny_data, monkey
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"garbage")
     with pytest.raises(UserError, match="not a readable genlab checkpoint"):
-        train_script.load_model(tmp_path / "bad.pth")
+        registry.load_model(tmp_path / "bad.pth")
