@@ -1,0 +1,109 @@
+"""Sample quality against training CPU time, from the history of train_script.py runs (docs/results.md, "GAN on
+small data").
+
+    flock /tmp/genlab_cpu.lock python benchmarks/gan_small_data.py metric-cost models/Last_GAN.pth --evaluator E
+    python benchmarks/gan_small_data.py curves models/Last_GAN.pth:1.2 models/Last_diffusion.pth:300 --out fd.png
+
+`metric-cost`: CPU seconds (user + system, all threads) of one sample-quality measurement as `--fid-every` makes
+it (fid.SampleQuality on the run's validation split), the median of --repeat calls, and the metrics it gives. `curves`: for each RUN[:COST]
+(COST the CPU seconds of one measurement, else estimated from the run's epochs), each epoch's training CPU time is its `cpu_seconds` less COST when
+the epoch measured; prints the metrics of the last measurement at or before each --minutes mark, with D's mean
+output on training and validation images there, and plots FD_eval against training CPU minutes.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+import fid  # noqa: E402
+import registry  # noqa: E402
+
+
+def metric_cost(args):
+    model, ckpt = registry.load_model(args.checkpoint)
+    images, _, val_idx = registry.checkpoint_data(ckpt)
+    extractor = fid.make_extractor("evaluator", None, args.evaluator, "cpu")
+    quality = fid.SampleQuality([extractor], images.images[val_idx], images.labels[val_idx],
+                                seed=ckpt["train_args"]["seed"])
+    costs = []
+    for _ in range(args.repeat):
+        started = time.process_time()
+        metrics = quality(model)
+        costs.append(time.process_time() - started)
+    print(f"{args.checkpoint} (epoch {ckpt['epoch']}): {fid.format_metrics(metrics)}")
+    print(f"{statistics.median(costs):.2f} CPU s per measurement (median of {args.repeat}: "
+          f"{', '.join(f'{c:.2f}' for c in costs)})")
+
+
+def training_curve(path, cost=None):
+    """[(training CPU minutes, record)] of the epochs that measured FD_eval. Without `cost`, one measurement's CPU
+    seconds are estimated from the run itself: the median epoch that measured less the median one that did not."""
+    history = common.load_checkpoint(path)["history"]
+    if cost is None:
+        cost = (statistics.median(r["cpu_seconds"] for r in history if "FD_eval" in r)
+                - statistics.median(r["cpu_seconds"] for r in history if "FD_eval" not in r))
+    points, cpu = [], 0.0
+    for record in history:
+        measured = "FD_eval" in record
+        cpu += record["cpu_seconds"] - (cost if measured else 0.0)
+        if measured:
+            points.append((cpu / 60, record))
+    return points
+
+
+def curves(args):
+    runs = {}
+    for spec in args.runs:
+        path, _, cost = spec.rpartition(":") if ":" in spec else (spec, None, None)
+        runs[Path(path).stem.removeprefix("Last_")] = training_curve(path, float(cost) if cost else None)
+    for name, points in runs.items():
+        for mark in args.minutes:
+            before = [(m, r) for m, r in points if m <= mark]
+            if not before:
+                continue
+            minutes, r = before[-1]
+            terms = ["FD_eval", "KID_eval", "accuracy_eval", "train_D_x", "val_D_x"]
+            print(f"{name:24s} {mark:>3g} min: epoch {r['epoch']:4d} at {minutes:5.1f} min  "
+                  + "  ".join(f"{k} {r[k]:.4g}" for k in terms if k in r)
+                  + f"  (best FD_eval so far {min(x['FD_eval'] for _, x in before):.4g})")
+    if args.out:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, points in runs.items():
+            ax.plot([m for m, _ in points], [r["FD_eval"] for _, r in points], label=name, lw=1.2)
+        ax.set(xlabel="training CPU minutes (sample-quality measurements excluded)", ylabel="FD_eval (log scale)",
+               yscale="log", title=args.title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.out, dpi=120)
+        print(f"wrote {args.out}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("metric-cost", help="CPU seconds of one sample-quality measurement")
+    p.add_argument("checkpoint")
+    p.add_argument("--evaluator", required=True, help="the evaluator the run measured with")
+    p.add_argument("--repeat", type=int, default=5)
+    p = sub.add_parser("curves", help="metrics at CPU-time marks, and the plot")
+    p.add_argument("runs", nargs="+", help="PATH or PATH:COST, COST the CPU seconds of one measurement "
+                   "(metric-cost); without it, estimated from the run's epochs")
+    p.add_argument("--minutes", type=float, nargs="+", default=[5, 10, 20])
+    p.add_argument("--out", default=None, help="PNG of FD_eval against training CPU minutes")
+    p.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    (metric_cost if args.command == "metric-cost" else curves)(args)
+
+
+if __name__ == "__main__":
+    main()
