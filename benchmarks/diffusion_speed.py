@@ -62,6 +62,22 @@ def step_speed(step, batch_iter, batch_size, repeats, flops=None):
     return batch_size / seconds, flops / 1e9, flops / seconds / 1e9
 
 
+def profile(step, batch_iter, repeats, top):
+    """torch.profiler over `repeats` training steps: the `top` operators by their own CPU time (children
+    excluded), each with its share of the steps' total."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+    with profiler(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            step(*next(batch_iter))
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print("| operator | calls a step | self CPU ms a step | share |\n|---|---|---|---|")
+    for e in events[:top]:
+        print(f"| {e.key} | {e.count / repeats:.0f} | {e.self_cpu_time_total / repeats / 1e3:.1f} | "
+              f"{e.self_cpu_time_total / total:.1%} |")
+
+
 def ours(data, compile_=False, precision="fp32"):
     """genlab's default diffusion model and its training step (loss, backward, clipping, Adam, EMA), as
     train_script.py builds it (torch.compile'd and under autocast when asked)."""
@@ -126,6 +142,8 @@ def main():
     parser.add_argument("--full-ddpm", action="store_true", help="time DDPM-1000 sampling too (20x DDIM-50's time)")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd step, alternating")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast of our step")
+    parser.add_argument("--profile", type=int, default=0, metavar="K",
+                        help="also print torch.profiler's K operators of our step with the most CPU time")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")
@@ -153,6 +171,8 @@ def main():
                 our_flops = gflop * 1e9
             print(f"round {round_ + 1}, {name}, batch {batch_size}: {rate:.1f} images/s, {gflop:.2f} GFLOP/step, "
                   f"{gflops:.1f} GFLOP/s", flush=True)
+    if args.profile:
+        profile(our_step, batches(data, batch_size), args.repeats, args.profile)
     sampling_times(model, args.full_ddpm)
     print(f"# load average {os.getloadavg()[0]:.2f} at the end")
 
