@@ -126,13 +126,15 @@ def kernel_inception_distance(features1, features2, num_subsets=100, subset_size
     return float(np.mean(values)), float(np.std(values))
 
 
-def warn_about_sizes(n1, n2):
+def warn_about_sizes(n1, n2, dim=RELIABLE_N):
+    """Warn when the two sets differ in size, or hold fewer images than the features have dimensions (`dim`:
+    2048 for Inception, 128 for the offline evaluator), where a Fréchet distance's bias in N dominates."""
     if n1 != n2:
-        warnings.warn(f"the two sets differ in size ({n1} vs {n2}); FID is biased by N, compare only at equal N",
-                      stacklevel=2)
-    if min(n1, n2) < RELIABLE_N:
-        warnings.warn(f"{min(n1, n2)} images (< {RELIABLE_N}): FID is biased upwards at small N; "
-                      "compare FIDs only at the same N, and prefer KID", stacklevel=2)
+        warnings.warn(f"the two sets differ in size ({n1} vs {n2}); Fréchet distances are biased by N, compare "
+                      "only at equal N", stacklevel=2)
+    if min(n1, n2) < dim:
+        warnings.warn(f"{min(n1, n2)} images (< {dim}, the features' dimension): the Fréchet distance is biased "
+                      "upwards at small N; compare it only at the same N, and prefer KID", stacklevel=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +259,7 @@ class SampleQuality:
         metrics = {}
         for extractor, real_features in self.real:
             fake_features = extractor(fake, desc=f"{extractor.kind} features of samples", cache=False)
-            warn_about_sizes(len(fake_features), len(real_features))
+            warn_about_sizes(len(fake_features), len(real_features), fake_features.shape[1])
             fd_name, kid_name = extractor.names
             metrics[fd_name] = frechet_distance(*statistics(fake_features), *statistics(real_features))
             metrics[kid_name], metrics[kid_name + "_std"] = kernel_inception_distance(fake_features, real_features)
@@ -377,7 +379,7 @@ def compare(argv):
     fd_name, kid_name = extractor.names
     both_folders = all(f is not None for f in features)
     if both_folders:
-        warn_about_sizes(len(features[0]), len(features[1]))
+        warn_about_sizes(len(features[0]), len(features[1]), features[0].shape[1])
     print(f"{fd_name} {frechet_distance(*stats[0], *stats[1]):.4f}")
     if both_folders:
         kid, kid_std = kernel_inception_distance(*features)

@@ -3,6 +3,8 @@ refused, and the metrics wired into fid.py's CLI, train_script.py and random_gen
 is tested in test_inception.py, the evaluator in test_evaluator.py). The Inception weights used here are
 random: they exercise the code path only and no number from them is an FID."""
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -105,6 +107,9 @@ def test_size_warnings():
         fid.warn_about_sizes(100, 90)
     with pytest.warns(UserWarning, match="2048"):
         fid.warn_about_sizes(500, 500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fid.warn_about_sizes(500, 500, dim=128)   # more images than the evaluator's 128 dimensions: no warning
 
 
 # ---------------------------------------------------------------------------------------------- fewer than 2 images
@@ -179,7 +184,7 @@ def test_cli_end_to_end_with_stats_file_and_feature_cache(tmp_path, random_incep
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
     assert np.isfinite(float(lines["FID"])) and float(lines["FID"]) > 0 and "std" in lines["KID"]
-    assert "FID is biased" in result.stderr                        # 2 images: warned
+    assert "the Fréchet distance is biased" in result.stderr                        # 2 images: warned
     cached = sorted((isolated_cache / "features").glob("*.npy"))
     assert len(cached) == 2 and all(np.load(f).shape == (2, 2048) for f in cached)
     result = run_script("fid.py", tmp_path / "b", "--save-stats", tmp_path / "b.npz", *weights, cwd=tmp_path)
