@@ -116,9 +116,12 @@ def sample_options(model, ckpt, args, device):
     return options
 
 
-def report_sample_quality(model, ckpt, args, device, images, options):
-    """The checkpoint's own validation split is the reference: same data, size, channels and seed, the sampler
-    `options` as given. Samples drawn for a file's labels or layouts are also scored against what was asked."""
+def measure(model, ckpt, args, device, options, drawn=None):
+    """Sample quality with the sampler `options` against the checkpoint's own validation split (same data, size,
+    channels and seed): fid.SampleQuality's metrics, and for images `drawn` for args.labels or args.layouts (those
+    in options["labels"]) their score against what was asked, as file_accuracy_eval or file_miou_eval.
+    Returns (metrics, quality, (data, train indices, validation indices))."""
+    options = dict(options)
     asked = options.pop("labels", None)
     data_name, size = ckpt["train_args"]["data"], ckpt["image_shape"][1]
     args.fid_features = args.fid_features or ckpt["train_args"].get("fid_features", ["inception"])
@@ -126,18 +129,31 @@ def report_sample_quality(model, ckpt, args, device, images, options):
     conditions = data.conditions(model.condition or "class")[0]
     quality = fid.sample_quality(args, data_name, size, data, data.images[val_idx], conditions[val_idx],
                                  model.condition, device, seed=args.seed, sample_kwargs=options)
-    print(f"{fid.format_metrics(quality(model, device))} ({len(val_idx)} samples vs the {len(val_idx)} "
-          f"validation images of {data_name} at {size}x{size})")
-    fake = fid.quantize(images)
+    metrics = quality(model, device)
+    if asked is not None and (args.labels is not None or args.layouts is not None):
+        fake = fid.quantize(drawn)
+        evaluator = next((e for e, _ in quality.real if e.kind == "evaluator"), None)
+        if args.labels is not None and evaluator is not None:
+            metrics["file_accuracy_eval"] = fid.accuracy(evaluator.classifier, fake, asked.cpu())
+        if args.layouts is not None:
+            metrics["file_miou_eval"] = mean_iou(read_layouts(quality.segmenter, fake), asked.cpu(),
+                                                 quality.segmenter.num_labels)
+    return metrics, quality, (data, train_idx, val_idx)
+
+
+def report_sample_quality(model, ckpt, args, device, images, options):
+    """Prints measure()'s metrics, the score on a file's labels or layouts, and the memorisation check."""
+    metrics, quality, (data, train_idx, val_idx) = measure(model, ckpt, args, device, options, images)
+    on_file = {k: metrics.pop(k) for k in ("file_accuracy_eval", "file_miou_eval") if k in metrics}
+    print(f"{fid.format_metrics(metrics)} ({len(val_idx)} samples vs the {len(val_idx)} "
+          f"validation images of {ckpt['train_args']['data']} at {ckpt['image_shape'][1]}x{ckpt['image_shape'][1]})")
+    if "file_accuracy_eval" in on_file:
+        print(f"accuracy_eval {on_file['file_accuracy_eval']:.4f} on the {len(images)} label sets of {args.labels}")
+    if "file_miou_eval" in on_file:
+        print(f"miou_eval {on_file['file_miou_eval']:.4f} on the {len(images)} layouts of {args.layouts} (real "
+              f"validation images: {quality.miou_real:.4f})")
     evaluator = next((e for e, _ in quality.real if e.kind == "evaluator"), None)
-    if args.labels is not None:
-        if evaluator is not None:
-            score = fid.accuracy(evaluator.classifier, fake, asked.cpu())
-            print(f"accuracy_eval {score:.4f} on the {len(fake)} label sets of {args.labels}")
-    if args.layouts is not None:
-        miou = mean_iou(read_layouts(quality.segmenter, fake), asked.cpu(), quality.segmenter.num_labels)
-        print(f"miou_eval {miou:.4f} on the {len(fake)} layouts of {args.layouts} (real validation images: "
-              f"{quality.miou_real:.4f})")
+    fake = fid.quantize(images)
     print(memorisation.summary(memorisation.check(fake, data.images[train_idx], data.images[val_idx], evaluator)))
 
 

@@ -11,153 +11,36 @@ regenerates what:
         closest_<run>.png    the samples nearest to a training image, above those training images
     python report.py RUN [RUN ...] --table             the table of runs alone, as Markdown on stdout (no sampling):
                                                        how docs' results tables are regenerated from saved runs
+    python report.py RUN ... --table --at-minutes 5 10 20   and the sample-quality metric logged during training at
+                                                       those minutes of training CPU time (measurements excluded);
+                                                       --at-epochs 10 20: at those epochs
+    python report.py RUN@sampler=ddim,steps=20 ... --quality   a table of sample quality, a row per RUN@OPTIONS:
+                                                       what random_generation.py --fid prints with those sampler flags
+    python report.py --evaluators FILE ...               the evaluators' own scores and the floor of FD_eval
 The table has each run's model, the settings that differ between the runs, epochs, CPU and wall time (sums over the
 history), the best of the metric Best is chosen on and its epoch, and the best sample quality. The memorisation
 check (memorisation.py) compares --samples samples with the training and validation images of the run's data.
 """
-import re
 import shlex
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from matplotlib.ticker import MaxNLocator
 
 import common
-import config_file
 import fid
 import image_data
 import memorisation
 import visualization   # its pictures of one model; it also selects matplotlib's file-only backend
 from common import UserError
-from registry import checkpoint_data, load_model
+from registry import checkpoint_data
+from report_tables import (evaluators_table, load_runs, marks_table, parse_spec, quality_metrics, quality_table,
+                           runs_table)
 
 import matplotlib.pyplot as plt   # noqa: E402 (after visualization chose the backend)
 
 GRID = 16   # samples in each run's picture
-# Not how a run trains, or shown elsewhere in the table: left out of "settings that differ".
-NOT_COMPARED = (*config_file.NOT_SETTINGS, "model", "run_name", "models_dir", "log_dir")
-RECORD_KEYS = ("epoch", "lr", "seconds", "cpu_seconds")   # the rest of a record: losses and sample-quality metrics
-HIGHER_IS_BETTER = ("accuracy_eval",)
-
-
-@dataclass
-class Run:
-    name: str          # file-safe, unique in the report
-    path: Path
-    model: torch.nn.Module
-    ckpt: dict
-
-    @property
-    def history(self):
-        return self.ckpt["history"]
-
-    @property
-    def settings(self):
-        return {k: v for k, v in {**self.ckpt["train_args"], **self.ckpt["config"]}.items() if k not in NOT_COMPARED}
-
-
-def checkpoint_path(run, models_dir):
-    """A checkpoint path as it is; a run name as <models-dir>/Last_<run>.pth, else Best_<run>.pth."""
-    if run.endswith(".pth") or Path(run).is_file():
-        return Path(run)
-    for kind in ("Last", "Best"):
-        path = Path(models_dir) / f"{kind}_{run}.pth"
-        if path.is_file():
-            return path
-    raise UserError(f"no run '{run}' in '{models_dir}' (neither Last_{run}.pth nor Best_{run}.pth); pass a run name "
-                    "of --models-dir or a checkpoint path")
-
-
-def load_runs(names, models_dir, device):
-    runs = []
-    for given in names:
-        path = checkpoint_path(given, models_dir)
-        model, ckpt = load_model(path, device=device)
-        name = re.sub(r"[^\w.-]", "_", ckpt["train_args"].get("run_name") or path.stem)
-        while name in [r.name for r in runs]:   # the same run twice (its Last and Best, say)
-            name += "_"
-        runs.append(Run(name, path, model.eval(), ckpt))
-    return runs
-
-
-# ----------------------------------------------------------------------------------------------
-# The table of runs
-# ----------------------------------------------------------------------------------------------
-
-def shown(value):
-    if isinstance(value, float):
-        return f"{value:g}"
-    if value == "":
-        return '""'
-    return common.describe_default(value)
-
-
-def differing(runs):
-    """The settings on which the runs that have them disagree (a model's own flags, which another model lacks,
-    count only among the runs of models that have them)."""
-    keys = list(dict.fromkeys(k for run in runs for k in run.settings))
-    return [k for k in keys if len({shown(run.settings[k]) for run in runs if k in run.settings}) > 1]
-
-
-def total(history, key):
-    """The sum of a time over the history; None when a record lacks it (checkpoints older than cpu_seconds)."""
-    values = [record.get(key) for record in history]
-    return None if any(v is None for v in values) else sum(values)
-
-
-def seconds(value):
-    return "n/a" if value is None else f"{value:.1f} s"
-
-
-def quality_metrics(runs):
-    """Sample-quality metrics in any run's history, in the order they were logged."""
-    names = (k for run in runs for record in run.history for k, v in record.items()
-             if v is not None and k not in RECORD_KEYS and not k.startswith(("train_", "val_")))
-    return list(dict.fromkeys(names))
-
-
-def best(history, metric):
-    """(best value, its epoch) of a metric over the history, or None when it was never measured."""
-    points = [(record[metric], record["epoch"]) for record in history if record.get(metric) is not None]
-    if not points:
-        return None
-    return (max if metric in HIGHER_IS_BETTER else min)(points, key=lambda point: point[0])
-
-
-def selection_metric(run):
-    """What Best was chosen on, as train_script chooses: the first FD-like metric for a model that selects by sample
-    quality and measured it, else the validation loss."""
-    if run.model.selects_by_sample_quality:
-        measured = [k for k in quality_metrics([run]) if k in ("FID", "FD_eval")]
-        if measured:
-            return measured[0]
-    return "val_loss"
-
-
-def runs_table(runs):
-    """The Markdown table of runs, and notes on what some runs lack."""
-    keys = differing(runs)
-    rows = ["| run | model | settings that differ | epochs | CPU time | wall time | best (epoch) | sample quality, "
-            "best (epoch) |", "|---|---|---|---|---|---|---|---|"]
-    notes = []
-    for run in runs:
-        settings = ", ".join(f"{k} {shown(run.settings[k])}" for k in keys if k in run.settings) or "-"
-        metric = selection_metric(run)
-        best_selected = best(run.history, metric)
-        selected = f"{metric} {best_selected[0]:.5g} ({best_selected[1]})" if best_selected else "not validated"
-        measured = [(k, best(run.history, k)) for k in quality_metrics([run])]
-        quality = ", ".join(f"{k} {v:.4g} ({epoch})" for k, (v, epoch) in measured) or "not measured"
-        rows.append(f"| {run.name} | {run.ckpt['model']} | {settings} | {run.ckpt['epoch']} | "
-                    f"{seconds(total(run.history, 'cpu_seconds'))} | {seconds(total(run.history, 'seconds'))} | "
-                    f"{selected} | {quality} |")
-        if not measured:
-            notes.append(f"{run.name} has no sample-quality metrics (trained without --fid-every): its row and "
-                         "loss curves only.")
-        if total(run.history, "cpu_seconds") is None:
-            notes.append(f"{run.name}'s checkpoint predates CPU-time records: its CPU time is n/a.")
-    return rows, notes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,11 +212,24 @@ def write_report(runs, args, argv, out, device):
 
 def main(argv=None):
     parser = common.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", help="run names (<models-dir>/Last_<run>.pth, else Best_<run>.pth) or "
+    parser.add_argument("runs", nargs="*", help="run names (<models-dir>/Last_<run>.pth, else Best_<run>.pth) or "
                         "checkpoint paths")
     parser.add_argument("--out", default=None, help="the report's folder (default: reports/<run>_vs_<run>...)")
     parser.add_argument("--table", action="store_true", help="print only the table of runs, as Markdown, and write "
                         "nothing (no sampling: fast)")
+    parser.add_argument("--evaluators", nargs="+", default=None, metavar="FILE",
+                        help="print only a table of these evaluators (fid.py train-evaluator, train-segmenter): their "
+                             "validation scores and the FD_eval of training against validation images")
+    parser.add_argument("--at-minutes", type=common.checked(float, 0), nargs="+", default=None,
+                        help="with --table: also the sample-quality metric logged during training at these minutes "
+                             "of training CPU time")
+    parser.add_argument("--at-epochs", type=common.checked(int, 1), nargs="+", default=None,
+                        help="with --table: also the sample-quality metric logged during training at these epochs")
+    parser.add_argument("--quality", action="store_true", help="print only a table of sample quality, a row per "
+                        "RUN[@OPTIONS] (OPTIONS: sampler=S,steps=N,eta=E,guidance=W,labels=FILE,layouts=PATH), as "
+                        "random_generation.py --fid measures it")
+    fid.add_metric_flags(parser)
+    parser.set_defaults(fid_features=None)   # None: the features each run was trained with, as random_generation
     parser.add_argument("--models-dir", default="models", help="where run names are looked up (default: models)")
     parser.add_argument("--samples", type=common.checked(int, GRID), default=256,
                         help=f"samples of each run for its picture (the first {GRID}) and the memorisation check "
@@ -348,9 +244,26 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     device = common.pick_device(args.device)
+    if args.evaluators:
+        print("\n".join(evaluators_table(args.evaluators)))
+        return
+    if not args.runs:
+        raise UserError("name at least one run (a run name of --models-dir or a checkpoint path), or pass --evaluators")
+    if (args.at_minutes or args.at_epochs) and not args.table:
+        raise UserError("--at-minutes and --at-epochs add to the table of runs: pass them with --table")
+    if args.quality:
+        print("\n".join(quality_table(args.runs, args, device)))
+        return
+    given = [parse_spec(spec) for spec in args.runs]
+    if any(options for _, options in given):
+        raise UserError("RUN@OPTIONS (sampler options) are for --quality; name runs alone for a report or --table")
     runs = load_runs(args.runs, args.models_dir, device)
     if args.table:
         rows, notes = runs_table(runs)
+        if args.at_minutes:
+            rows += [""] + marks_table(runs, args.at_minutes, "min")
+        if args.at_epochs:
+            rows += [""] + marks_table(runs, args.at_epochs, "epoch")
         print("\n".join(rows + [""] * bool(notes) + [f"- {n}" for n in notes]))
         return
     out = common.output_dir(args.out or Path("reports") / "_vs_".join(r.name for r in runs), "--out")

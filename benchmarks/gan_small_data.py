@@ -5,10 +5,12 @@ small data").
     python benchmarks/gan_small_data.py curves models/Last_GAN.pth:1.2 models/Last_diffusion.pth:300 --out fd.png
 
 `metric-cost`: CPU seconds (user + system, all threads) of one sample-quality measurement as `--fid-every` makes
-it (fid.SampleQuality on the run's validation split), the median of --repeat calls, and the metrics it gives. `curves`: for each RUN[:COST]
-(COST the CPU seconds of one measurement, else estimated from the run's epochs), each epoch's training CPU time is its `cpu_seconds` less COST when
-the epoch measured; prints the metrics of the last measurement at or before each --minutes mark, with D's mean
-output on training and validation images there, and plots FD_eval against training CPU minutes.
+it (fid.SampleQuality on the run's validation split), the median of --repeat calls, and the metrics it gives.
+`curves`: for each RUN[:COST] (COST the CPU seconds of one measurement, else estimated from the run's epochs:
+report_tables.training_minutes), each epoch's training CPU time is its `cpu_seconds` less COST when the epoch
+measured; prints the metrics of the last measurement at or before each --minutes mark, with D's mean output on
+training and validation images there, and plots FD_eval against training CPU minutes. The same table, as
+Markdown: `python report.py RUN ... --table --at-minutes 5 7 10 20`.
 """
 import argparse
 import statistics
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import fid  # noqa: E402
 import registry  # noqa: E402
+from report_tables import training_minutes  # noqa: E402
 
 
 def metric_cost(args):
@@ -40,27 +43,13 @@ def metric_cost(args):
           f"{', '.join(f'{c:.2f}' for c in costs)})")
 
 
-def training_curve(path, cost=None):
-    """[(training CPU minutes, record)] of the epochs that measured FD_eval. Without `cost`, one measurement's CPU
-    seconds are estimated from the run itself: the median epoch that measured less the median one that did not."""
-    history = common.load_checkpoint(path)["history"]
-    if cost is None:
-        cost = (statistics.median(r["cpu_seconds"] for r in history if "FD_eval" in r)
-                - statistics.median(r["cpu_seconds"] for r in history if "FD_eval" not in r))
-    points, cpu = [], 0.0
-    for record in history:
-        measured = "FD_eval" in record
-        cpu += record["cpu_seconds"] - (cost if measured else 0.0)
-        if measured:
-            points.append((cpu / 60, record))
-    return points
-
-
 def curves(args):
     runs = {}
     for spec in args.runs:
         path, _, cost = spec.rpartition(":") if ":" in spec else (spec, None, None)
-        runs[Path(path).stem.removeprefix("Last_")] = training_curve(path, float(cost) if cost else None)
+        history = common.load_checkpoint(path)["history"]
+        name = Path(path).stem.removeprefix("Last_")
+        runs[name] = training_minutes(history, "FD_eval", float(cost) if cost else None)
     for name, points in runs.items():
         for mark in args.minutes:
             before = [(m, r) for m, r in points if m <= mark]

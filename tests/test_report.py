@@ -1,6 +1,7 @@
 """report.py on tiny real runs, and random_generation.py --fid's memorisation line; numbers recomputed from the
 checkpoints and from brute-force nearest neighbours."""
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,8 +9,10 @@ import torch
 
 import common
 import fid
+import image_data
 import registry
 import report
+import report_tables
 import train_script
 from conftest import run_script
 from test_memorisation import brute_force_nearest
@@ -95,3 +98,108 @@ def test_random_generation_fid_prints_the_memorisation_line(runs):
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith("memorisation: of 40 samples,") and "in pixels and" in line and "evaluator features" in line
+
+
+def test_training_minutes_leave_out_the_measurements_cost():
+    history = [dict(epoch=1, cpu_seconds=60.0), dict(epoch=2, cpu_seconds=90.0, FD_eval=5.0),
+               dict(epoch=3, cpu_seconds=60.0), dict(epoch=4, cpu_seconds=90.0, FD_eval=3.0)]
+    # each measurement costs 90 - 60 = 30 s (estimated): training minutes 1 + 1 = 2 at epoch 2, 4 at epoch 4
+    points = report_tables.training_minutes(history, "FD_eval")
+    assert [(round(m, 9), r["epoch"]) for m, r in points] == [(2.0, 2), (4.0, 4)]
+    given = report_tables.training_minutes(history, "FD_eval", cost=0.0)   # the cost as given
+    assert [m for m, _ in given] == [2.5, 5.0]
+
+
+def test_minutes_table_of_a_run_without_metrics(runs, capsys):
+    report.main(["A", "--models-dir", str(runs / "models"), "--table", "--at-minutes", "1", "2"])
+    assert "| A | - | - | no sample-quality metric with CPU times |" in capsys.readouterr().out
+    report.main(["A", "--models-dir", str(runs / "models"), "--table", "--at-epochs", "1"])
+    assert "| A | - | no sample-quality metric |" in capsys.readouterr().out
+
+
+def test_quality_rows_are_what_random_generation_measures(runs, monkeypatch, capsys):
+    monkeypatch.chdir(runs)   # random_generation finds the evaluator in models/, as report does with --evaluator
+    train_script.train(["--model", "diffusion", "--image-size", "8", "--epochs", "1", "--batch-size", "64",
+                        "--timesteps", "50", "--width", "8", "--channel-mults", "1", "2", "--attention-levels", "1",
+                        "--run-name", "D", "--models-dir", "models", "--log-dir", "log"])
+    capsys.readouterr()
+    printed = {}
+    for sampler in ("ddim", "dpmpp"):
+        result = run_script("random_generation.py", "--model", "diffusion", "--checkpoint", "models/Best_D.pth",
+                            "--sampler", sampler, "--steps", "3", "--fid", "--fid-features", "evaluator", cwd=runs)
+        assert result.returncode == 0, result.stderr
+        words = result.stdout.splitlines()[1].split()
+        printed[sampler] = dict(zip(words[0:6:2], map(float, words[1:6:2])))
+    evaluator = str(fid.evaluator_path("shapes", 8, runs / "models"))
+    report.main(["models/Best_D.pth@sampler=ddim,steps=3", "D@steps=3,sampler=dpmpp", "--quality",
+                 "--fid-features", "evaluator", "--evaluator", evaluator])
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["run", "sampler options", "FD_eval", "KID_eval", "accuracy_eval", "CPU s"]
+    for line, sampler in zip(lines[2:], ("ddim", "dpmpp")):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == f"sampler {sampler}, steps 3"
+        for name, cell in zip(header[2:5], cells[2:5]):
+            assert float(cell) == pytest.approx(printed[sampler][name], rel=1e-3, abs=1e-4), (sampler, name)
+    assert printed["ddim"]["FD_eval"] != printed["dpmpp"]["FD_eval"]   # the options reached the sampler
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["A@steps=x", "--quality"], "steps takes an integer, not 'x'"),
+    (["A@colour=red", "--quality"], "'colour=red' in 'A@colour=red' is not KEY=VALUE"),
+    (["A@steps=3", "--quality"], "--steps does not apply to the MLPAE model"),
+    (["A@steps=3", "--table"], "RUN@OPTIONS (sampler options) are for --quality"),
+])
+def test_bad_quality_specs(runs, argv, message):
+    result = run_script("report.py", *argv, cwd=runs)
+    assert result.returncode == 2 and result.stderr.startswith("error:") and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evaluators_table(runs, tmp_path, capsys):
+    path = fid.evaluator_path("shapes", 8, runs / "models")
+    report.main(["--evaluators", str(path)])
+    row = capsys.readouterr().out.splitlines()[2]
+    saved = torch.load(path, weights_only=True)
+    extractor = fid.make_extractor("evaluator", evaluator_file=path)
+    data = image_data.load_data("shapes", 8, 3)
+    train_idx, val_idx = image_data.split_indices(len(data.images), saved["seed"])
+    real, train = (extractor(data.images[i], cache=False) for i in (val_idx, train_idx[:len(val_idx)]))
+    floor = fid.frechet_distance(*fid.statistics(train), *fid.statistics(real))
+    assert row.startswith(f"| {path.name} | shapes | 8 | accuracy {saved['val_accuracy']:.3f} | FD_eval {floor:.3f} / ")
+    assert row.endswith(f"({len(val_idx)}) |")
+    not_an_evaluator = run_script("report.py", "--evaluators", "models/Last_A.pth", cwd=runs)
+    assert not_an_evaluator.returncode == 2 and "is not a file of `fid.py train-evaluator`" in not_an_evaluator.stderr
+
+
+def test_quality_of_an_autoencoder_stage_is_that_of_its_reconstructions(runs, monkeypatch, capsys):
+    monkeypatch.chdir(runs)
+    train_script.train(["--model", "LDM", "--stage", "autoencoder", "--image-size", "8", "--batch-size", "64",
+                        "--ae-width", "8", "--latent-channels", "2", "--ae-downsample", "2", "--ae-epochs", "1",
+                        "--run-name", "S1", "--models-dir", "models", "--log-dir", "log"])
+    capsys.readouterr()
+    evaluator = fid.evaluator_path("shapes", 8, runs / "models")
+    report.main(["S1_autoencoder", "--quality", "--fid-features", "evaluator", "--evaluator", str(evaluator)])
+    row = capsys.readouterr().out.splitlines()[2]
+    model, ckpt = registry.load_model("models/Last_S1_autoencoder.pth")
+    data, _, val_idx = registry.checkpoint_data(ckpt)
+    real = data.images[val_idx]
+    with torch.no_grad():
+        reconstructions = fid.quantize(model.eval().reconstruct(real.float() / 255))
+    extractor = fid.make_extractor("evaluator", evaluator_file=evaluator)
+    distance = fid.frechet_distance(*fid.statistics(extractor(reconstructions, cache=False)),
+                                    *fid.statistics(extractor(real, cache=False)))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:2] == ["S1_autoencoder", "reconstructions"] and float(cells[2]) == pytest.approx(distance, rel=1e-3)
+
+
+def test_marks_table_by_hand():
+    history = [dict(epoch=1, cpu_seconds=60.0), dict(epoch=2, cpu_seconds=90.0, FD_eval=5.0, KID_eval=0.5,
+                                                     train_D_x=0.7, val_D_x=0.6),
+               dict(epoch=3, cpu_seconds=60.0), dict(epoch=4, cpu_seconds=90.0, FD_eval=3.0, KID_eval=0.3)]
+    run = report_tables.Run("G", None, SimpleNamespace(selects_by_sample_quality=True), dict(history=history))
+    # measurements at 2 and 4 training minutes (each cost 30 s); at 6 minutes the run had ended (4 < 0.8 x 6)
+    assert report_tables.marks_table([run], [2, 3, 4, 6], "min")[2] == \
+        "| G | 5 / 0.5; D 0.70 vs 0.60 | 5 / 0.5; D 0.70 vs 0.60 | 3 / 0.3 | - | FD_eval 3 (4) |"
+    assert report_tables.marks_table([run], [2, 3], "epoch")[2] == \
+        "| G | 5 / 0.5; D 0.70 vs 0.60 | 5 / 0.5; D 0.70 vs 0.60 (at 2) | FD_eval 3 (4) |"
