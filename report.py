@@ -16,10 +16,12 @@ regenerates what:
                                                        --at-epochs 10 20: at those epochs
     python report.py RUN@sampler=ddim,steps=20 ... --quality   a table of sample quality, a row per RUN@OPTIONS:
                                                        what random_generation.py --fid prints with those sampler flags
+                                                       (a run name is its Best_<run>.pth here)
     python report.py --evaluators FILE ...               the evaluators' own scores and the floor of FD_eval
 The table has each run's model, the settings that differ between the runs, epochs, CPU and wall time (sums over the
-history), the best of the metric Best is chosen on and its epoch, and the best sample quality. The memorisation
-check (memorisation.py) compares --samples samples with the training and validation images of the run's data.
+history), the best of the metric Best is chosen on and its epoch with the other validation terms of that epoch, and
+the best sample quality. The memorisation check (memorisation.py) compares --samples samples with the training and
+validation images of the run's data.
 """
 import shlex
 import sys

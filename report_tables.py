@@ -40,11 +40,12 @@ class Run:
         return {k: v for k, v in {**self.ckpt["train_args"], **self.ckpt["config"]}.items() if k not in NOT_COMPARED}
 
 
-def checkpoint_path(run, models_dir):
-    """A checkpoint path as it is; a run name as <models-dir>/Last_<run>.pth, else Best_<run>.pth."""
+def checkpoint_path(run, models_dir, kinds=("Last", "Best")):
+    """A checkpoint path as it is; a run name as <models-dir>/<kind>_<run>.pth, the first of `kinds` that exists: Last
+    (the whole history) for the tables of runs, Best (what random_generation.py samples) for sample quality."""
     if run.endswith(".pth") or Path(run).is_file():
         return Path(run)
-    for kind in ("Last", "Best"):
+    for kind in kinds:
         path = Path(models_dir) / f"{kind}_{run}.pth"
         if path.is_file():
             return path
@@ -52,10 +53,10 @@ def checkpoint_path(run, models_dir):
                     "of --models-dir or a checkpoint path")
 
 
-def load_runs(names, models_dir, device):
+def load_runs(names, models_dir, device, kinds=("Last", "Best")):
     runs = []
     for given in names:
-        path = checkpoint_path(given, models_dir)
+        path = checkpoint_path(given, models_dir, kinds)
         model, ckpt = load_model(path, device=device)
         name = re.sub(r"[^\w.-]", "_", ckpt["train_args"].get("run_name") or path.stem)
         while name in [r.name for r in runs]:   # the same run twice (its Last and Best, say)
@@ -121,19 +122,22 @@ def selection_metric(run):
 def runs_table(runs):
     """The Markdown table of runs, and notes on what some runs lack."""
     keys = differing(runs)
-    rows = ["| run | model | settings that differ | epochs | CPU time | wall time | best (epoch) | sample quality, "
-            "best (epoch) |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | model | settings that differ | epochs | CPU time | wall time | best (epoch) | other validation "
+            "terms there | sample quality, best (epoch) |", "|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for run in runs:
         settings = ", ".join(f"{k} {shown(run.settings[k])}" for k in keys if k in run.settings) or "-"
         metric = selection_metric(run)
         best_selected = best(run.history, metric)
         selected = f"{metric} {best_selected[0]:.5g} ({best_selected[1]})" if best_selected else "not validated"
+        at_best = next((r for r in run.history if best_selected and r["epoch"] == best_selected[1]), {})
+        terms = ", ".join(f"{k} {v:.5g}" for k, v in at_best.items()
+                          if k.startswith("val_") and k not in ("val_loss", metric) and v is not None) or "-"
         measured = [(k, best(run.history, k)) for k in quality_metrics([run])]
         quality = ", ".join(f"{k} {v:.4g} ({epoch})" for k, (v, epoch) in measured) or "not measured"
         rows.append(f"| {run.name} | {run.ckpt['model']} | {settings} | {run.ckpt['epoch']} | "
                     f"{seconds(total(run.history, 'cpu_seconds'))} | {seconds(total(run.history, 'seconds'))} | "
-                    f"{selected} | {quality} |")
+                    f"{selected} | {terms} | {quality} |")
         if not measured:
             notes.append(f"{run.name} has no sample-quality metrics (trained without --fid-every): its row and "
                          "loss curves only.")
@@ -159,15 +163,15 @@ def training_minutes(history, metric, cost=None):
 
 
 def marks_table(runs, marks, unit="min"):
-    """Markdown rows: per run, the last measurement of its selection metric at or before each mark (with KID and D's
+    """Markdown rows: per run, the last measurement of its FID or FD_eval at or before each mark (with KID and D's
     mean output on training against validation images where logged), and its best. Marks are minutes of training CPU
     time (unit "min"; the measurements' own cost left out) or epochs (unit "epoch"). A measurement before its mark
     (by over a minute, or an epoch) says when it was; a run that ended before 80% of a mark has no cell there."""
     rows = ["| run | " + " | ".join(f"{m:g} {unit}" for m in marks) + " | best (epoch) |",
             "|---|" + "---|" * (len(marks) + 1)]
     for run in runs:
-        metric = selection_metric(run)
-        if metric == "val_loss" or (unit == "min" and total(run.history, "cpu_seconds") is None):
+        metric = next((k for k in quality_metrics([run]) if k in ("FID", "FD_eval")), None)
+        if metric is None or (unit == "min" and total(run.history, "cpu_seconds") is None):
             missing = "no sample-quality metric" + " with CPU times" * (unit == "min")
             rows.append(f"| {run.name} | " + " | ".join("-" for _ in marks) + f" | {missing} |")
             continue
@@ -219,6 +223,13 @@ def parse_spec(spec):
     return run, options
 
 
+def shown_option(key, value):
+    """A sampler option as the quality table shows it: a file by its name, a number as short as it reads."""
+    if key in ("labels", "layouts"):
+        return Path(value).name
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 @torch.no_grad()
 def reconstruction_quality(run, args, device):
     """For an autoencoder (stage) that does not generate: the Fréchet and kernel distances of the reconstructions of
@@ -246,7 +257,7 @@ def quality_table(specs, args, device):
     results = []
     for spec in specs:
         given, options = parse_spec(spec)
-        run, = load_runs([given], args.models_dir, device)
+        run, = load_runs([given], args.models_dir, device, kinds=("Best", "Last"))
         flags = argparse.Namespace(**{**vars(args), "model": run.ckpt["model"], "class_label": None,
                                       **{k: options.get(k) for k in SPEC_KEYS}})
         started = time.process_time()
@@ -259,8 +270,7 @@ def quality_table(specs, args, device):
                 drawn = run.model.sample(len(sampler_options["labels"]),
                                          torch.Generator(device).manual_seed(args.seed), **sampler_options)
             metrics, _, _ = random_generation.measure(run.model, run.ckpt, flags, device, sampler_options, drawn)
-        described = ", ".join(f"{k} {Path(options[k]).name if k in ('labels', 'layouts') else options[k]}"
-                              for k in SPEC_KEYS if k in options)
+        described = ", ".join(f"{k} {shown_option(k, options[k])}" for k in SPEC_KEYS if k in options)
         described = described or ("defaults" if run.model.generates else "reconstructions")
         results.append((run.name, described, metrics, time.process_time() - started))
     columns = list(dict.fromkeys(k for _, _, metrics, _ in results for k in metrics if not k.endswith("_std")))

@@ -1,7 +1,6 @@
 """report.py on tiny real runs, and random_generation.py --fid's memorisation line; numbers recomputed from the
 checkpoints and from brute-force nearest neighbours."""
 import re
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -49,7 +48,7 @@ def test_report_of_two_runs(runs, tmp_path):
         cells = [c.strip() for c in table_row(markdown, run).strip("|").split("|")]
         assert cells == [run, "MLPAE", f"lr {lr}", "2", f"{sum(r['cpu_seconds'] for r in history):.1f} s",
                          f"{sum(r['seconds'] for r in history):.1f} s",
-                         f"val_loss {best['val_loss']:.5g} ({best['epoch']})", "not measured"]
+                         f"val_loss {best['val_loss']:.5g} ({best['epoch']})", "-", "not measured"]
     assert "No run has sample-quality metrics" in markdown and not list(out.glob("metric_*.png"))
     linked = re.findall(r"\]\(([^)]+)\)", markdown)
     assert sorted(linked) == sorted(p.name for p in out.glob("*.png"))   # every picture linked, every link a file
@@ -197,7 +196,7 @@ def test_marks_table_by_hand():
     history = [dict(epoch=1, cpu_seconds=60.0), dict(epoch=2, cpu_seconds=90.0, FD_eval=5.0, KID_eval=0.5,
                                                      train_D_x=0.7, val_D_x=0.6),
                dict(epoch=3, cpu_seconds=60.0), dict(epoch=4, cpu_seconds=90.0, FD_eval=3.0, KID_eval=0.3)]
-    run = report_tables.Run("G", None, SimpleNamespace(selects_by_sample_quality=True), dict(history=history))
+    run = report_tables.Run("G", None, None, dict(history=history))
     # measurements at 2 and 4 training minutes (each cost 30 s); at 6 minutes the run had ended (4 < 0.8 x 6)
     assert report_tables.marks_table([run], [2, 3, 4, 6], "min")[2] == \
         "| G | 5 / 0.5; D 0.70 vs 0.60 | 5 / 0.5; D 0.70 vs 0.60 | 3 / 0.3 | - | FD_eval 3 (4) |"
