@@ -30,6 +30,10 @@ def worker(rank, world, port, argv, out_dir):
         model, _ = train_script.train(argv)
     (out_dir / f"stdout_{rank}.txt").write_text(stdout.getvalue())
     torch.save(model.state_dict(), out_dir / f"weights_{rank}.pth")
+    # Results are on disk: leave without the interpreter's teardown, whose C++ static destructors occasionally abort
+    # a spawned worker ("terminate called without an active exception", SIGABRT) after its work is done, failing
+    # the test on exit. The test checks what the workers wrote, not how their interpreter ends.
+    os._exit(0)
 
 
 def run_processes(world, argv, out_dir):
