@@ -21,6 +21,8 @@ named after its paper:
 - class conditioning when the data has classes: a label embedding joins z in G (Mirza & Osindero 2014,
   "Conditional Generative Adversarial Nets") and D is a projection discriminator (Miyato & Koyama 2018,
   "cGANs with Projection Discriminator");
+- one self-attention block in G and in D at a chosen feature-map size (Zhang et al. 2019, "Self-Attention
+  Generative Adversarial Networks"; e.g. --attention 12 at 24x24), off by default;
 - an exponential moving average of G's weights (Yazici et al. 2019, "The Unusual Effectiveness of
   Averaging in GAN Training"), which is what `sample` uses.
 
@@ -83,6 +85,9 @@ class Config:
                               "times N; 1: every step", low=1)
     conditional: bool = option(False, "condition on the class when the data has several: label embedding in G "
                                       "(Mirza & Osindero 2014), projection D (Miyato & Koyama 2018)")
+    attention: int = option(0, "SAGAN (Zhang et al. 2019): one self-attention block in G and in D at this feature-map "
+                               "size, after the block that makes it (24x24 images: 6 or 12; 32x32: 8 or 16); 0: off",
+                            low=0)
     ema_decay: float = option(0.999, "EMA decay of G's weights, which sampling uses (Yazici et al. 2019); 0: G itself",
                               low=0, high=1)
     divergence_steps: int = option(500, f"stop when D(x) > {D_WON} and D(G(z)) < {1 - D_WON:.2g} for this many steps "
@@ -107,6 +112,13 @@ def size_plan(size):
     return s0, k
 
 
+def attention_sizes(size):
+    """The feature-map sizes --attention may name: those G's up-sampling blocks make before the image, which D's
+    down-sampling blocks make too (24 -> 6, 12; 28 -> 14; 32 -> 8, 16; 64 -> 8, 16, 32)."""
+    s0, k = size_plan(size)
+    return [s0 * 2 ** i for i in range(1, k)]
+
+
 def dcgan_init(module):
     """DCGAN's initialisation: weights ~ N(0, 0.02), BatchNorm scales ~ N(1, 0.02), biases 0."""
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)):
@@ -114,6 +126,38 @@ def dcgan_init(module):
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
+
+
+class SelfAttention(nn.Module):
+    """SAGAN's self-attention (Zhang et al. 2019) over the N = H*W positions x_1..x_N of a feature map, with
+    1x1 convolutions f(x) = W_f x, g(x) = W_g x (C/8 channels) and h(x) = W_h x (C channels):
+
+        s_ij = f(x_i)^T g(x_j),  beta_{j,i} = exp(s_ij) / sum_i exp(s_ij),  o_j = sum_i beta_{j,i} h(x_i),
+        y_j = gamma o_j + x_j,   gamma a learnt scalar from 0: the block starts as the identity.
+
+    W_h keeps C channels, as in the paper's first arXiv version and heykeetae's PyTorch SAGAN; the paper's final
+    version maps h to C/8 and back with a fourth 1x1 convolution, o_j = W_v sum_i beta_{j,i} h(x_i), and the
+    official TensorFlow code does so through C/2, max-pooling the positions of f and h. No biases, as the rest of
+    this DCGAN. In D with --spectral-norm, the three convolutions are spectrally normalised like D's other weights
+    (SAGAN normalises G's as well; this G keeps its BatchNorm and plain weights)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        c_bar = max(channels // 8, 1)   # C/8, at least one channel in tiny networks
+        self.f, self.g = nn.Conv2d(channels, c_bar, 1, bias=False), nn.Conv2d(channels, c_bar, 1, bias=False)
+        self.h = nn.Conv2d(channels, channels, 1, bias=False)
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):                                                 # (B, C, H, W)
+        f, g, h = self.f(x).flatten(2), self.g(x).flatten(2), self.h(x).flatten(2)   # (B, C/8, N) x 2, (B, C, N)
+        beta = torch.softmax(f.transpose(1, 2) @ g, dim=1)                # (B, N, N): [i, j] = beta_{j,i}, sum_i = 1
+        o = h @ beta                                                      # (B, C, N): o_j = sum_i beta_{j,i} h(x_i)
+        return self.gamma * o.view_as(x) + x                              # (B, C, H, W)
+
+
+def attention_at(config, size, channels):
+    """[SelfAttention(channels)] after the block that makes size x size feature maps when --attention names it."""
+    return [SelfAttention(channels)] if size == config.attention else []
 
 
 class Generator(nn.Module):
@@ -127,9 +171,10 @@ class Generator(nn.Module):
         z_dim = config.latent_dim * (2 if num_classes else 1)
         layers = [nn.ConvTranspose2d(z_dim, c, s0, 1, 0, bias=False), nn.BatchNorm2d(c), nn.ReLU(True)]
         # state size. (ngf * 2^(k-1)) x s0 x s0
-        for _ in range(k - 1):
+        for i in range(1, k):
             layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU(True)]
             c //= 2   # state size. c x 2s x 2s: ... ngf x S/2 x S/2
+            layers += attention_at(config, s0 * 2 ** i, c)
         layers += [nn.ConvTranspose2d(c, channels, 4, 2, 1, bias=False), nn.Tanh()]
         # state size. C x S x S
         self.net = nn.Sequential(*layers)
@@ -151,16 +196,17 @@ class Discriminator(nn.Module):
         s0, k = size_plan(size)
         c = config.ndf
         layers = [nn.Conv2d(channels, c, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True)]   # no norm at the input
-        # state size. ndf x S/2 x S/2
-        for _ in range(k - 1):
+        layers += attention_at(config, size // 2, c)   # state size. ndf x S/2 x S/2
+        for i in range(2, k + 1):
             norm = nn.Identity() if config.spectral_norm else nn.BatchNorm2d(2 * c)
             layers += [nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False), norm, nn.LeakyReLU(0.2, inplace=True)]
             c *= 2    # state size. c x s/2 x s/2: ... (ndf * 2^(k-1)) x s0 x s0
+            layers += attention_at(config, size // 2 ** i, c)
         self.phi = nn.Sequential(*layers)
         self.psi = nn.Conv2d(c, 1, s0, 1, 0, bias=False)                           # (B, 1, 1, 1)
         self.embed = nn.Embedding(num_classes, c) if num_classes else None
         self.apply(dcgan_init)
-        if config.spectral_norm:   # W / sigma(W), sigma by one power iteration per training step
+        if config.spectral_norm:   # W / sigma(W), sigma by one power iteration per step; the attention's W too
             for m in self.modules():
                 if isinstance(m, (nn.Conv2d, nn.Embedding)):
                     nn.utils.parametrizations.spectral_norm(m)
@@ -209,6 +255,11 @@ class Model(GenerativeModel):
             raise UserError(f"GAN needs square images, got {height}x{width}")
         if config.loss not in LOSSES:
             raise UserError(f"unknown --loss {config.loss}; choose {' or '.join(LOSSES)}")
+        sizes = attention_sizes(height)
+        if config.attention and config.attention not in sizes:
+            choices = f"among {', '.join(map(str, sizes))} (or 0: off)" if sizes else "0 (off), or a larger --image-size"
+            raise UserError(f"--attention {config.attention} is not a feature-map size of this GAN at {height}x{width}; "
+                            f"choose {choices}")
         if config.conditional and condition != "class":
             raise UserError(f"the GAN conditions on one class per image, not on {condition}; drop --conditional, "
                             "or pass --condition class")

@@ -1,17 +1,19 @@
 """GAN (gan.py, diffaugment.py): shapes and ranges, one D and one G step, the losses' closed forms, EMA,
 conditioning, divergence, DiffAugment's transforms against their definitions, R1 against a gradient by hand,
---d-steps, and the CLI end to end on the bundled shapes data."""
+--d-steps, SAGAN's self-attention against its sums by hand, and the CLI end to end on the bundled shapes data."""
 import argparse
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import contract
 import diffaugment
 import fid
 import gan
 import image_data
+import registry
 import train_flags
 import train_script
 from common import TrainingDiverged, UserError
@@ -435,3 +437,79 @@ def test_cli_with_the_small_data_flags_trains_and_resumes_exactly(tmp_path, flag
     assert untimed[:2] == untimed[2:]
     assert ("train_r1" in untimed[0]) == ("--r1-gamma" in flags)
     assert ("train_ada_p" in untimed[0]) == ("--ada-target" in flags)
+
+
+# -- SAGAN's self-attention ------------------------------------------------------------------------------------
+
+def test_self_attention_is_the_identity_while_gamma_is_zero():
+    block = gan.SelfAttention(16)
+    x = torch.randn(2, 16, 5, 6)
+    assert float(block.gamma) == 0.0 and torch.equal(block(x), x)
+
+
+def test_self_attention_matches_the_papers_sums_by_hand():
+    torch.manual_seed(0)
+    block = gan.SelfAttention(16)                             # C/8 = 2 channels for f and g
+    with torch.no_grad():
+        block.gamma.fill_(1.0)
+        for conv in (block.f, block.g, block.h):
+            conv.weight.normal_(0, 0.5)
+    x = torch.randn(2, 16, 3, 4)
+    w_f, w_g, w_h = (conv.weight[:, :, 0, 0].detach() for conv in (block.f, block.g, block.h))
+    expected = torch.empty_like(x)
+    for b in range(2):
+        xs = x[b].flatten(1).T                                # (N, C): x_i, positions row by row
+        f, g, h = xs @ w_f.T, xs @ w_g.T, xs @ w_h.T          # f(x_i), g(x_i), h(x_i)
+        for j in range(12):
+            s = torch.stack([f[i] @ g[j] for i in range(12)])  # s_ij = f(x_i)^T g(x_j), i = 1..N
+            beta = s.exp() / s.exp().sum()                     # beta_{j,i}, a softmax over i
+            assert beta.max() > 2 * beta.min()                 # not uniform: the weights matter
+            o = sum(beta[i] * h[i] for i in range(12))         # o_j = sum_i beta_{j,i} h(x_i)
+            expected[b, :, j // 4, j % 4] = 1.0 * o + xs[j]   # y_j = gamma o_j + x_j
+    torch.testing.assert_close(block(x), expected)
+
+
+@pytest.mark.parametrize("attention, channels, spectral_norm", [(12, 4, False), (6, 8, True)])
+def test_attention_sits_at_its_size_in_g_and_d_and_both_gammas_learn(attention, channels, spectral_norm):
+    assert gan.attention_sizes(24) == [6, 12] and gan.attention_sizes(64) == [8, 16, 32] and gan.attention_sizes(8) == []
+    model = build((3, 24, 24), attention=attention, spectral_norm=spectral_norm)
+    blocks, seen = {}, {}
+    for name in ("generator", "discriminator"):
+        [blocks[name]] = [m for m in getattr(model, name).modules() if isinstance(m, gan.SelfAttention)]   # one each
+        blocks[name].register_forward_hook(lambda m, inputs, out, name=name: seen.update({name: inputs[0].shape}))
+        sn = torch.nn.utils.parametrize.is_parametrized(blocks[name].f)
+        assert sn == (spectral_norm and name == "discriminator")   # only D's convolutions are spectrally normalised
+    images = model.generator(model.noise(5))
+    assert images.shape == (5, 3, 24, 24) and model.discriminator(images).shape == (5,)
+    assert seen == {"generator": (5, channels, attention, attention), "discriminator": (5, channels, attention, attention)}
+    model.train_step(torch.rand(8, 3, 24, 24), None, optimizers(model))
+    assert all(float(block.gamma) != 0 for block in blocks.values())   # each got a gradient and one Adam step
+    assert not any(isinstance(m, gan.SelfAttention) for m in build().modules())   # off by default
+
+
+def test_an_attention_size_that_is_no_feature_map_is_one_line_error(tmp_path):
+    data = write_image_folder(tmp_path / "data", per_class=4, size=24, classes=("x",))
+    result = run_script("train_script.py", "--model", "GAN", "--data", data, "--image-size", "24", "--attention", "16",
+                        cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines() == ["error: --attention 16 is not a feature-map size of this GAN at 24x24; "
+                                          "choose among 6, 12 (or 0: off)"]
+    with pytest.raises(UserError, match=r"--attention 4 .* at 8x8; choose 0 \(off\), or a larger --image-size"):
+        build((3, 8, 8), attention=4)
+
+
+def test_checkpoint_with_attention_round_trips_and_older_configs_load_without_it(tmp_path):
+    data = write_image_folder(tmp_path / "data", per_class=8, size=16, classes=("x", "y"))
+    model, _ = train_script.train(["--model", "GAN", "--data", str(data), "--image-size", "16", "--batch-size", "8",
+                                   "--epochs", "1", "--ngf", "4", "--ndf", "4", "--attention", "8", "--fid-every", "0",
+                                   "--models-dir", str(tmp_path / "models"), "--log-dir", str(tmp_path / "log")])
+    rebuilt, ckpt = registry.load_model(tmp_path / "models" / "Last_GAN.pth", "GAN")
+    assert ckpt["config"]["attention"] == 8 and rebuilt.config.attention == 8
+    for name, a in model.state_dict().items():
+        assert torch.equal(a, rebuilt.state_dict()[name]), name
+    assert any(float(m.gamma) != 0 for m in rebuilt.ema.modules() if isinstance(m, gan.SelfAttention))
+    model.eval(), rebuilt.eval()
+    assert torch.equal(model.sample(4, torch.Generator().manual_seed(0)),
+                       rebuilt.sample(4, torch.Generator().manual_seed(0)))
+    older = {k: v for k, v in ckpt["config"].items() if k != "attention"}   # saved before --attention existed
+    assert common.config_from_dict(gan.Config, older).attention == 0
