@@ -259,10 +259,7 @@ class SampleQuality:
         metrics = {}
         for extractor, real_features in self.real:
             fake_features = extractor(fake, desc=f"{extractor.kind} features of samples", cache=False)
-            warn_about_sizes(len(fake_features), len(real_features), fake_features.shape[1])
-            fd_name, kid_name = extractor.names
-            metrics[fd_name] = frechet_distance(*statistics(fake_features), *statistics(real_features))
-            metrics[kid_name], metrics[kid_name + "_std"] = kernel_inception_distance(fake_features, real_features)
+            metrics.update(feature_distances(extractor, fake_features, real_features))
             if model.condition in ("class", "labels") and extractor.kind == "evaluator":
                 metrics["accuracy_eval"] = accuracy(extractor.classifier, fake, labels)
         if model.condition == "layout" and self.segmenter is not None:
@@ -270,6 +267,16 @@ class SampleQuality:
             metrics["miou_real"] = self.miou_real
         model.train(was_training)
         return metrics
+
+
+def feature_distances(extractor, fake_features, real_features):
+    """The Fréchet distance and KID (with its std) of two sets of `extractor`'s features, under its metric names
+    (FID/KID or FD_eval/KID_eval), after the warnings about the sets' sizes."""
+    warn_about_sizes(len(fake_features), len(real_features), fake_features.shape[1])
+    fd_name, kid_name = extractor.names
+    kid, kid_std = kernel_inception_distance(fake_features, real_features)
+    return {fd_name: frechet_distance(*statistics(fake_features), *statistics(real_features)), kid_name: kid,
+            kid_name + "_std": kid_std}
 
 
 def sample_quality(args, data_name, image_size, dataset, real_images, real_labels, condition, device="cpu",

@@ -242,10 +242,8 @@ def reconstruction_quality(run, args, device):
     metrics = {}
     for extractor in fid.extractors_from_args(args, run.ckpt["train_args"]["data"], real.shape[-1], device,
                                               dataset=data):
-        fake_features, real_features = extractor(reconstructions, cache=False), extractor(real, cache=False)
-        fd_name, kid_name = extractor.names
-        metrics[fd_name] = fid.frechet_distance(*fid.statistics(fake_features), *fid.statistics(real_features))
-        metrics[kid_name], _ = fid.kernel_inception_distance(fake_features, real_features)
+        metrics.update(fid.feature_distances(extractor, extractor(reconstructions, cache=False),
+                                             extractor(real, cache=False)))
     return metrics
 
 
@@ -305,10 +303,9 @@ def evaluators_table(paths):
         data = image_data.load_data(saved["data"], size, channels)
         train_idx, val_idx = image_data.split_indices(len(data.images), saved["seed"])
         real, train = (extractor(data.images[idx], cache=False) for idx in (val_idx, train_idx[:len(val_idx)]))
-        distance = fid.frechet_distance(*fid.statistics(train), *fid.statistics(real))
-        kid, _ = fid.kernel_inception_distance(train, real)
+        floor = fid.feature_distances(extractor, train, real)
         score = "Lab6 accuracy" if saved.get("task") == "labels" else "accuracy"
         rows.append(f"| {Path(path).name} | {saved['data']} | {size} | {score} {saved['val_accuracy']:.3f} | "
-                    f"FD_eval {distance:.3f} / KID_eval {kid:.3f} ({len(val_idx)}) |")
+                    f"FD_eval {floor['FD_eval']:.3f} / KID_eval {floor['KID_eval']:.3f} ({len(val_idx)}) |")
     return rows
 

@@ -181,9 +181,7 @@ def train(argv=None):
         for run_args in contract.runs(MODELS[args.model], args):
             result = train_run(run_args, argv, process, device, settings=args)
         if process.world > 1:
-            # every rank done before any tears its connections down: a gloo peer that closes while another still
-            # saves or validates can abort that process ("terminate called without an active exception")
-            torch.distributed.barrier()
+            torch.distributed.barrier()   # every rank has finished its last save and validation before any leaves
     finally:
         if process.world > 1:
             torch.distributed.destroy_process_group()
