@@ -330,7 +330,9 @@ def to_float(images):
 def iterate_batches(images, labels, batch_size, generator=None, flip=False, shuffle=True, rank=0, world=1):
     """Batches (float images in [0, 1], labels) straight from in-memory tensors.
 
-    With `flip`, each image is mirrored left-right with probability 1/2. With `world` > 1 processes, process
+    With `flip`, each image is mirrored left-right with probability 1/2, and with it its condition where that is a
+    per-pixel map (a layout, (N, H, W)): a mirrored image with its unmirrored layout would teach the model that
+    objects may stand at either place. With `world` > 1 processes, process
     `rank` takes every world-th image of the permutation (the last N mod world dropped, so all take as many
     batches); all processes draw the same permutation and flips from equally seeded generators, so their
     shares are disjoint and their generators stay equal.
@@ -338,11 +340,14 @@ def iterate_batches(images, labels, batch_size, generator=None, flip=False, shuf
     n = images.shape[0]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     mirror = torch.rand(n, generator=generator) < 0.5 if flip else None   # at once: as drawn batch by batch
+    maps = labels.dim() == 3                                              # layouts (N, H, W), not classes or labels
     positions = torch.arange(rank, n - n % world, world)                  # all of 0 .. n-1 in one process
     for start in range(0, len(positions), batch_size):
         at = positions[start:start + batch_size]
         idx = order[at]
-        x = to_float(images[idx])
+        x, y = to_float(images[idx]), labels[idx]
         if flip:
             x[mirror[at]] = x[mirror[at]].flip(-1)
-        yield x, labels[idx]
+            if maps:
+                y[mirror[at]] = y[mirror[at]].flip(-1)
+        yield x, y

@@ -152,6 +152,19 @@ def test_batches_cover_the_set_once_and_flip_mirrors():
     assert all(m or k for m, k in zip(mirrored, kept)) and any(mirrored) and any(kept)
 
 
+def test_flip_mirrors_a_layout_with_its_image():
+    # each layout is the image's first channel, so image and map agree exactly when they are mirrored together
+    images = torch.randint(0, 5, (16, 3, 4, 6), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    layouts = images[:, 0].clone()
+    batches = list(image_data.iterate_batches(images, layouts, 5, torch.Generator().manual_seed(1), flip=True))
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    assert torch.equal((x[:, 0] * 255).round().to(torch.uint8), y)
+    mirrored = [not torch.equal(a, b) for a, b in zip(y, layouts[torch.randperm(16, generator=torch.Generator()
+                                                                               .manual_seed(1))])]
+    assert any(mirrored) and not all(mirrored)
+    assert torch.equal(layouts, images[:, 0])   # the data in memory is not flipped in place
+
+
 def test_grid_places_images_row_by_row(tmp_path):
     images = torch.stack([torch.full((3, 4, 5), v / 10) for v in range(10)])
     grid = common.make_grid(images, nrow=4, padding=2)
