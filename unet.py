@@ -6,8 +6,8 @@ and the model file that imports it (ddpm.py, flow_matching.py) says what t means
 Conditioning with classifier-free guidance (Ho & Salimans 2021) is here too, as it is network-side. A condition
 y is one of three kinds (CONDITIONS), each with a null value that stands for "no condition":
     class    (B,) indices in 0 .. K-1, embedded and added to the time embedding; null: K
-    labels   (B, K) multi-hot vectors (a set of labels per image), a linear map added to the time embedding;
-             null: all zeros
+    labels   (B, K) multi-hot vectors (a set of labels per image), a linear map added to the time embedding,
+             and with label_attention cross-attention to a token per present label as well; null: all zeros
     layout   (B, H, W) maps, value 1 + the label at each pixel (0: background), one-hot (K + 1 channels)
              concatenated to the input, averaged down to the input's size (a latent); null: -1, all-zero channels
 Training drops the condition to null with some probability (`drop_condition`), and `guided` mixes the two
@@ -33,6 +33,10 @@ class UNetConfig:
     scale_shift: bool = option(False, "the time and condition embedding scales and shifts each block's normalised "
                                       "features, GroupNorm(h) (1 + s) + b (Dhariwal & Nichol 2021), instead of "
                                       "being added to them")
+    label_attention: bool = option(False, "multi-hot labels: also cross-attention from the features at the attention "
+                                          "levels and the middle to a learned token per label the image holds (as "
+                                          "text-to-image models: Rombach et al. 2022, Sec. 3.3), so that each place "
+                                          "can take one of the asked objects; docs/results.md measures it")
 
 
 def check_size(config, height, width, what="the image"):
@@ -97,6 +101,26 @@ class Attention(nn.Module):
         return x + self.out(a.transpose(1, 2).reshape(b, c, h, w))
 
 
+class LabelAttention(nn.Module):
+    """Cross-attention from each position to the tokens of an image's labels: softmax(q k^T / sqrt(C)) v over the
+    present labels' tokens and one null token that every image holds (the null condition attends to it alone)."""
+
+    def __init__(self, channels, token_dim):
+        super().__init__()
+        self.norm, self.q = group_norm(channels), nn.Conv2d(channels, channels, 1)
+        self.kv = nn.Linear(token_dim, 2 * channels)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)   # starts as the identity, as Attention
+
+    def forward(self, x, context):
+        tokens, present = context                                       # (K + 1, D), (B, K + 1) bool
+        b, c, h, w = x.shape
+        q = self.q(self.norm(x)).flatten(2).transpose(1, 2)              # (B, HW, C)
+        k, v = self.kv(tokens).expand(b, -1, -1).chunk(2, dim=2)         # 2 x (B, K + 1, C)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=present[:, None, :])   # (B, HW, C)
+        return x + self.out(a.transpose(1, 2).reshape(b, c, h, w))
+
+
 class UNet(nn.Module):
     """net(x, t, y): levels of ResBlocks (+ attention) going down, a middle, and back up with skips.
 
@@ -116,6 +140,9 @@ class UNet(nn.Module):
             self.label_emb = nn.Embedding(num_classes + 1, emb_dim)
         elif self.condition == "labels":  # sum of the present labels' vectors; none present (null): 0
             self.label_emb = nn.Linear(num_classes, emb_dim, bias=False)
+        # tokens of the K labels and the null token, for LabelAttention
+        self.label_tokens = (nn.Parameter(torch.randn(num_classes + 1, emb_dim))
+                             if self.condition == "labels" and config.label_attention else None)
         layout_channels = num_classes + 1 if self.condition == "layout" else 0
         self.stem = nn.Conv2d(in_channels + layout_channels, width, 3, padding=1)
         levels = [width * m for m in config.channel_mults]
@@ -129,6 +156,7 @@ class UNet(nn.Module):
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # (B, c, H/2, W/2)
                 skips.append(c)
         self.middle = nn.ModuleList([ResBlock(c, c, emb_dim, config.dropout, config.scale_shift), Attention(c),
+                                     *self._label_attention(c, emb_dim),
                                      ResBlock(c, c, emb_dim, config.dropout, config.scale_shift)])
         self.up = nn.ModuleList()
         for i, c_out in reversed(list(enumerate(levels))):
@@ -141,37 +169,45 @@ class UNet(nn.Module):
         self.head = nn.Sequential(group_norm(c), nn.SiLU(), nn.Conv2d(c, out_channels or in_channels, 3, padding=1))
         nn.init.zeros_(self.head[-1].weight)
 
-    @staticmethod
-    def _stage(c_in, c_out, emb_dim, config, level):
+    def _label_attention(self, channels, emb_dim):
+        return [LabelAttention(channels, emb_dim)] if self.label_tokens is not None else []
+
+    def _stage(self, c_in, c_out, emb_dim, config, level):
         block = ResBlock(c_in, c_out, emb_dim, config.dropout, config.scale_shift)
-        return nn.ModuleList([block, Attention(c_out)]) if level in config.attention_levels else nn.ModuleList([block])
+        if level not in config.attention_levels:
+            return nn.ModuleList([block])
+        return nn.ModuleList([block, Attention(c_out), *self._label_attention(c_out, emb_dim)])
 
     def forward(self, x, t, y=None):
         emb = self.time_mlp(timestep_embedding(t, self.freqs))                   # (B, 4 width)
+        context = None
         if self.condition == "class":
             emb = emb + self.label_emb(y)                                        # the class joins the time embedding
         elif self.condition == "labels":
             emb = emb + self.label_emb(y.float())                                # (B, K) -> (B, 4 width)
+            if self.label_tokens is not None:   # the present labels and the null token, always present
+                present = torch.cat([y > 0.5, torch.ones_like(y[:, :1], dtype=torch.bool)], dim=1)   # (B, K + 1)
+                context = (self.label_tokens, present)
         elif self.condition == "layout":
             x = torch.cat([x, layout_channels(y, self.num_classes, x.shape[-2:])], dim=1)   # (B, C + K + 1, H, W)
         # channels_last (N, H, W, C in memory): oneDNN's CPU convolutions run faster in this layout
         h = self.stem(x.contiguous(memory_format=torch.channels_last))
         skips = [h]
         for layer in self.down:
-            h = layer(h) if isinstance(layer, nn.Conv2d) else self._run(layer, h, emb)
+            h = layer(h) if isinstance(layer, nn.Conv2d) else self._run(layer, h, emb, context)
             skips.append(h)
-        h = self._run(self.middle, h, emb)
+        h = self._run(self.middle, h, emb, context)
         for layer in self.up:
             if isinstance(layer, nn.Sequential):
                 h = layer(h)                                                     # (B, c, 2H, 2W)
             else:
-                h = self._run(layer, torch.cat([h, skips.pop()], dim=1), emb)
+                h = self._run(layer, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.head(h)
 
     @staticmethod
-    def _run(stage, h, emb):
+    def _run(stage, h, emb, context):
         for m in stage:
-            h = m(h, emb) if isinstance(m, ResBlock) else m(h)
+            h = m(h, emb) if isinstance(m, ResBlock) else m(h, context) if isinstance(m, LabelAttention) else m(h)
         return h
 
 

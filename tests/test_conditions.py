@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image
 
 import ddpm
@@ -13,7 +14,7 @@ import scenes
 import segmenter
 from common import UserError
 from conftest import run_script
-from unet import guided, null_condition
+from unet import LabelAttention, guided, null_condition
 
 TINY = dict(width=8, channel_mults=(1, 2), attention_levels=(1,), timesteps=20)
 
@@ -101,11 +102,13 @@ def test_bad_label_and_layout_files_are_one_line_naming_the_file_and_entry(expor
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("kind, y", [("labels", scenes.multi_hot([[0, 5], [7], [1, 2, 3]], 24)),
-                                     ("layout", scenes.make_objects(3, 8).layouts)])
-def test_guidance_zero_is_the_unconditional_prediction_for_labels_and_layouts(kind, y):
+@pytest.mark.parametrize("kind, y, options", [("labels", scenes.multi_hot([[0, 5], [7], [1, 2, 3]], 24), {}),
+                                              ("labels", scenes.multi_hot([[0, 5], [7], [1, 2, 3]], 24),
+                                               {"label_attention": True}),
+                                              ("layout", scenes.make_objects(3, 8).layouts, {})])
+def test_guidance_zero_is_the_unconditional_prediction_for_labels_and_layouts(kind, y, options):
     torch.manual_seed(0)
-    model = ddpm.Model(ddpm.Config(**TINY), (3, 8, 8), 24, kind).eval()
+    model = ddpm.Model(ddpm.Config(**TINY, **options), (3, 8, 8), 24, kind).eval()
     with torch.no_grad():
         for p in model.ema.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -174,3 +177,24 @@ def test_cli_end_to_end_multi_label_and_layout(exported, tmp_path):
     assert result.returncode == 0 and (tmp_path / "vis" / "denoising_diffusion.png").is_file(), result.stderr
     result = run_script("random_generation.py", "--model", "diffusion", "--class-label", "0", cwd=tmp_path)
     assert result.returncode == 2 and "--class-label needs a model conditioned on classes" in result.stderr
+
+
+def test_label_attention_attends_to_the_present_labels_and_the_null_token_alone():
+    torch.manual_seed(0)
+    attention = LabelAttention(8, 6)
+    nn.init.normal_(attention.out.weight)   # not the identity it starts as
+    tokens = torch.randn(5, 6)                                                # 4 labels and the null token
+    present = torch.tensor([[True, False, True, False, True], [False, False, False, False, True]])
+    x = torch.randn(2, 8, 3, 3)
+    out = attention(x, (tokens, present))
+    # by hand: q at each position, keys and values of the tokens present, softmax(q k^T / sqrt(C)) v
+    q = attention.q(attention.norm(x)).flatten(2).transpose(1, 2)             # (2, 9, 8)
+    k, v = attention.kv(tokens).chunk(2, dim=1)                               # (5, 8) each
+    for i in range(2):
+        keep = present[i]
+        weights = torch.softmax(q[i] @ k[keep].T / 8 ** 0.5, dim=1)           # (9, n present)
+        mixed = (weights @ v[keep]).T.reshape(8, 3, 3)
+        assert torch.allclose(out[i], x[i] + attention.out(mixed[None])[0], atol=1e-5)
+    changed = tokens.clone()
+    changed[[1, 3]] += 1                                                      # labels 1 and 3: absent from both
+    assert torch.allclose(attention(x, (changed, present)), out)
