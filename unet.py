@@ -140,6 +140,9 @@ class UNet(nn.Module):
             self.label_emb = nn.Embedding(num_classes + 1, emb_dim)
         elif self.condition == "labels":  # sum of the present labels' vectors; none present (null): 0
             self.label_emb = nn.Linear(num_classes, emb_dim, bias=False)
+        if config.label_attention and self.condition != "labels":
+            raise UserError(f"--label-attention needs multi-hot labels (--condition labels); this model's condition "
+                            f"is {self.condition or 'none'}: drop --label-attention or pass --condition labels")
         # tokens of the K labels and the null token, for LabelAttention
         self.label_tokens = (nn.Parameter(torch.randn(num_classes + 1, emb_dim))
                              if self.condition == "labels" and config.label_attention else None)

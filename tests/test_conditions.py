@@ -150,9 +150,14 @@ def test_cli_end_to_end_multi_label_and_layout(exported, tmp_path):
     files = ["--data", exported / "images", "--labels", exported / "train.json", "--label-names",
              exported / "objects.json"]
     result = run_script("train_script.py", "--model", "diffusion", *files, "--layouts", exported / "layouts",
-                        *tiny, cwd=tmp_path)
+                        "--label-attention", *tiny, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "condition labels (24 labels)" in result.stdout
+    result = run_script("train_script.py", "--model", "diffusion", *files, "--layouts", exported / "layouts",
+                        "--condition", "layout", "--label-attention", "--run-name", "layout", *tiny, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "error: --label-attention needs multi-hot labels (--condition labels)" in result.stderr
+    assert not (tmp_path / "models" / "Best_layout.pth").exists()
     result = run_script("train_script.py", "--model", "diffusion", *files, "--layouts", exported / "layouts",
                         "--condition", "layout", "--run-name", "layout", *tiny, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
