@@ -101,9 +101,14 @@ def test_every_shipped_config_builds_its_model(path, tmp_path, monkeypatch):
     assert tomllib.loads(path.read_text())["model"]["model"] == args.model   # the recipes name it in [model]
     module = registry.MODELS[args.model]
     shape = (args.channels or 3, args.image_size, args.image_size)
+    # the recipe's condition: 3 classes, or 24 labels as multi-hot vectors or layout maps
+    condition = args.condition if args.condition in ("labels", "layout") else "class"
+    y = {"class": torch.tensor([0, 2]), "labels": torch.eye(24)[[0, 5]],
+         "layout": torch.randint(0, 25, (2, *shape[1:]))}[condition]
     for run_args in contract.runs(module, args):   # both stages of a latent diffusion model
-        model = registry.build_model(args.model, common.config_from_args(module.Config, run_args), shape, 3)
+        model = registry.build_model(args.model, common.config_from_args(module.Config, run_args), shape,
+                                     3 if condition == "class" else 24, condition)
         x = torch.rand(2, *shape)
         with torch.no_grad():
-            loss = model.loss(x, torch.tensor([0, 2]), generator=torch.Generator().manual_seed(0))["loss"]
+            loss = model.loss(x, y, generator=torch.Generator().manual_seed(0))["loss"]
         assert torch.isfinite(loss)
