@@ -145,7 +145,7 @@ class UNet(nn.Module):
                             f"is {self.condition or 'none'}: drop --label-attention or pass --condition labels")
         # tokens of the K labels and the null token, for LabelAttention
         self.label_tokens = (nn.Parameter(torch.randn(num_classes + 1, emb_dim))
-                             if self.condition == "labels" and config.label_attention else None)
+                             if config.label_attention else None)
         layout_channels = num_classes + 1 if self.condition == "layout" else 0
         self.stem = nn.Conv2d(in_channels + layout_channels, width, 3, padding=1)
         levels = [width * m for m in config.channel_mults]
