@@ -52,9 +52,10 @@ from diffaugment import diff_augment, parse_policy
 
 # DCGAN's optimiser (Adam, lr 2e-4, beta1 0.5) and batch; Best by sample quality every 2 epochs, measured
 # with FID when the Inception weights are present, else with the offline evaluator (fid.py --fid-features auto).
-# With DiffAugment the metric improves slowly and unevenly (on the flowers at 24x24: best at epoch 316 after 33
-# measurements without a new best; docs/results.md): 320 epochs, and a patience of 35 measurements.
-TRAIN_DEFAULTS = dict(epochs=320, lr=2e-4, adam_beta1=0.5, batch_size=64, patience=35, fid_every=2,
+# With DiffAugment the metric improves slowly and unevenly; on the flowers at 24x24 at the default width 32 the
+# best came at epoch 366 (about 16 training CPU-minutes), with no new best in the next 580 epochs
+# (docs/results.md): 400 epochs, and a patience of 35 measurements.
+TRAIN_DEFAULTS = dict(epochs=400, lr=2e-4, adam_beta1=0.5, batch_size=64, patience=35, fid_every=2,
                       fid_features=["auto"])
 LOSSES = ("nonsaturating", "hinge")
 D_WON = 0.99   # D(x) above this and D(G(z)) below 1 - this: D tells every image apart
@@ -63,8 +64,10 @@ D_WON = 0.99   # D(x) above this and D(G(z)) below 1 - this: D tells every image
 @dataclass
 class Config:
     latent_dim: int = option(100, "size of z ~ N(0, I) (DCGAN: 100)", low=1)
-    ngf: int = option(64, "channels of G's last hidden layer, doubled at each smaller size (DCGAN: 64)", low=1)
-    ndf: int = option(64, "channels of D's first layer, doubled at each smaller size (DCGAN: 64)", low=1)
+    # Half DCGAN's width: a quarter of the multiply-adds, and on the flowers at 24x24 ahead at every training CPU
+    # time measured up to 40 minutes (docs/results.md, "Narrower networks")
+    ngf: int = option(32, "channels of G's last hidden layer, doubled at each smaller size (DCGAN: 64)", low=1)
+    ndf: int = option(32, "channels of D's first layer, doubled at each smaller size (DCGAN: 64)", low=1)
     loss: str = option("nonsaturating", "nonsaturating (Goodfellow et al. 2014) or hinge (Lim & Ye 2017)",
                        choices=LOSSES)
     spectral_norm: bool = option(False, "spectral normalisation of D's weights, instead of its BatchNorm "
