@@ -53,7 +53,7 @@ from diffaugment import diff_augment, parse_policy
 # DCGAN's optimiser (Adam, lr 2e-4, beta1 0.5) and batch; Best by sample quality every 2 epochs, measured
 # with FID when the Inception weights are present, else with the offline evaluator (fid.py --fid-features auto).
 # With DiffAugment the metric improves slowly and unevenly; on the flowers at 24x24 at the default width 32 the
-# best came at epoch 366 (about 16 training CPU-minutes), with no new best in the next 580 epochs
+# best came at epoch 366 (about 15 training CPU-minutes), with no new best in the next 580 epochs
 # (docs/results.md): 400 epochs, and a patience of 35 measurements.
 TRAIN_DEFAULTS = dict(epochs=400, lr=2e-4, adam_beta1=0.5, batch_size=64, patience=35, fid_every=2,
                       fid_features=["auto"])
@@ -65,7 +65,7 @@ D_WON = 0.99   # D(x) above this and D(G(z)) below 1 - this: D tells every image
 class Config:
     latent_dim: int = option(100, "size of z ~ N(0, I) (DCGAN: 100)", low=1)
     # Half DCGAN's width: a quarter of the multiply-adds, and on the flowers at 24x24 ahead at every training CPU
-    # time measured up to 40 minutes (docs/results.md, "Narrower networks")
+    # time measured up to 40 minutes (docs/results.md, "Half the width")
     ngf: int = option(32, "channels of G's last hidden layer, doubled at each smaller size (DCGAN: 64)", low=1)
     ndf: int = option(32, "channels of D's first layer, doubled at each smaller size (DCGAN: 64)", low=1)
     loss: str = option("nonsaturating", "nonsaturating (Goodfellow et al. 2014) or hinge (Lim & Ye 2017)",

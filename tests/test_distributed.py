@@ -60,10 +60,10 @@ def assert_same(a, b, atol):
 def test_two_processes_with_batch_b_step_as_one_process_with_batch_2b_and_only_rank_0_writes(tmp_path, data):
     # plain SGD, as in the accumulation test below: Adam's normalised step magnifies the rounding of gradients near
     # 0, whose all-reduced sum differs in the last bits from one process's (beyond 1e-6 with AVX-512 kernels)
-    two = run_processes(2, flags(tmp_path / "two", data, "--optimizer", "sgd", "--batch-size", 8, "--epochs", 1),
-                        tmp_path)
+    sgd = ["--optimizer", "sgd", "--epochs", 1]
+    two = run_processes(2, flags(tmp_path / "two", data, *sgd, "--batch-size", 8), tmp_path)
     assert_same(two[0], two[1], 0)                                         # the processes agree exactly
-    one, _ = train_script.train(flags(tmp_path / "one", data, "--optimizer", "sgd", "--batch-size", 16, "--epochs", 1))
+    one, _ = train_script.train(flags(tmp_path / "one", data, *sgd, "--batch-size", 16))
     assert_same(two[0], one.state_dict(), 1e-6)
     outs = [(tmp_path / f"stdout_{r}.txt").read_text() for r in range(2)]
     assert outs[0].count("epoch 1 ") == 1 and "x 2 processes" in outs[0] and outs[1] == ""
