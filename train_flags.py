@@ -83,6 +83,10 @@ def build_parser(model_name=None, add_help=True):
                    help=f"stop after this many validations without a new best (default: {d['patience']})")
     g.add_argument("--seed", type=checked(int, 0), default=0, help="seeds the 80/20 split (as torch.manual_seed(seed) "
                    "then random_split) and training (default: 0)")
+    g.add_argument("--train-seed", type=checked(int, 0), default=None, help="seeds training alone (initial weights, "
+                   "batch order, training noise) and leaves the split and the fixed noise of validation and sample "
+                   "quality to --seed: runs that differ only in it show the spread of one setting on one split "
+                   "(default: --seed)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="where to train; auto: cuda, else mps, else cpu (default: auto)")
     g.add_argument("--resume", action="store_true", help="continue from <models-dir>/Last_<run>.pth with its settings")

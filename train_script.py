@@ -230,8 +230,9 @@ def train_run(args, argv, process, device, settings=None):
     synchronise(process)   # the others wait while rank 0 cleans the folder
     log_dir = common.output_dir(Path(args.log_dir) / args.run_name, "--log-dir") if process.main else None
 
-    # Data: decoded once, in memory; the 80/20 split is fixed by --seed.
-    common.seed_everything(args.seed)
+    # Data: decoded once, in memory; the 80/20 split is fixed by --seed, training's randomness by --train-seed.
+    training_seed = args.seed if args.train_seed is None else args.train_seed
+    common.seed_everything(training_seed)
     data = image_data.load_data(args.data, args.image_size, args.channels, labels=args.labels,
                                 label_names=args.label_names, layouts=args.layouts)
     if ckpt is not None and ckpt.get("data_fingerprint", data.fingerprint) != data.fingerprint:
@@ -250,7 +251,7 @@ def train_run(args, argv, process, device, settings=None):
         raise UserError(f"the {args.model} model does not take --condition {args.condition} (it takes "
                         f"{model.condition or 'no condition'} here); pass another --condition or drop it")
     if process.world > 1:
-        torch.manual_seed(args.seed + process.rank)   # the same weights everywhere, but each process its own noise
+        torch.manual_seed(training_seed + process.rank)   # the same weights everywhere, but each process its own noise
     groups = model.parameter_groups()
     if args.compile:
         compile_networks(groups)
@@ -258,7 +259,7 @@ def train_run(args, argv, process, device, settings=None):
                                      args.grad_clip, args.grad_accum, args.precision, device.type, process.world > 1)
     schedulers = {name: torch.optim.lr_scheduler.StepLR(o, args.lr_decay_every, args.lr_decay)
                   for name, o in optimizers.items()}
-    shuffle_rng = torch.Generator().manual_seed(args.seed)   # equal in every process: one permutation to share
+    shuffle_rng = torch.Generator().manual_seed(training_seed)   # equal in every process: one permutation to share
     start_epoch, best, bad_validations, history = 1, math.inf, 0, []
     if ckpt is not None:
         model.load_state_dict(ckpt["model_state"])

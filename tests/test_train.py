@@ -38,6 +38,17 @@ def test_resume_gives_the_same_weights_as_one_straight_run(tmp_path, tiny_data, 
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
 
 
+def test_train_seed_changes_the_training_and_not_the_split(tmp_path, tiny_data, monkeypatch):
+    import image_data
+    split_seeds, split = [], image_data.split_indices
+    monkeypatch.setattr(image_data, "split_indices", lambda n, seed=0: split_seeds.append(seed) or split(n, seed))
+    runs = [train(tmp_path / name, tiny_data, "--model", "VAE", "--epochs", "1", *flags)[0].state_dict()
+            for name, flags in [("a", ()), ("b", ("--train-seed", "0")), ("c", ("--train-seed", "1"))]]
+    assert split_seeds == [0, 0, 0]   # every run splits by --seed
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])       # --train-seed 0 is --seed 0's training
+    assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])   # another one trains otherwise
+
+
 def test_resume_refuses_a_changed_setting(tmp_path, tiny_data):
     train(tmp_path, tiny_data, "--model", "MLPAE", "--epochs", "1")
     with pytest.raises(UserError, match="--image-size"):
