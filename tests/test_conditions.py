@@ -10,6 +10,7 @@ from PIL import Image
 
 import ddpm
 import evaluator
+import flow_matching
 import scenes
 import segmenter
 from common import UserError
@@ -120,6 +121,28 @@ def test_guidance_zero_is_the_unconditional_prediction_for_labels_and_layouts(ki
         assert not torch.allclose(cond, uncond)                             # the condition reaches the output
         assert torch.allclose(guided(model.ema, x, t, y, 2.0), uncond + 2 * (cond - uncond), atol=1e-4)
     assert model.condition == kind and model.loss(torch.rand(3, 3, 8, 8), y)["loss"].ndim == 0
+
+
+@pytest.mark.parametrize("kind, y", [("labels", scenes.multi_hot([[0, 5], [7], [1, 2, 3]], 24)),
+                                     ("layout", scenes.make_objects(3, 8).layouts)])
+def test_flow_sampler_at_guidance_zero_draws_the_unconditional_samples(kind, y):
+    """Through flow matching's whole sampler: w = 0 gives the samples of the null condition (the unconditional
+    model) from the same noise, and w = 1 or 3 gives others."""
+    torch.manual_seed(0)
+    model = flow_matching.Model(flow_matching.Config(**{k: v for k, v in TINY.items() if k != "timesteps"}),
+                                (3, 8, 8), 24, kind).eval()
+    with torch.no_grad():
+        for p in model.ema.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    y = y.float() if kind == "labels" else y.long()
+
+    def draw(labels, guidance):
+        return model.sample(3, torch.Generator().manual_seed(1), labels=labels, steps=4, guidance=guidance)
+
+    unconditional = draw(null_condition(y, kind, 24), 1.0)
+    assert torch.allclose(draw(y, 0.0), unconditional, atol=1e-5)
+    assert not torch.allclose(draw(y, 1.0), unconditional, atol=1e-3)
+    assert not torch.allclose(draw(y, 3.0), draw(y, 1.0), atol=1e-3)
 
 
 def test_iclevr_accuracy_on_hand_made_predictions():
