@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import image_data
 import registry
 from common import UserError
 from conftest import train
@@ -39,7 +40,6 @@ def test_resume_gives_the_same_weights_as_one_straight_run(tmp_path, tiny_data, 
 
 
 def test_train_seed_changes_the_training_and_not_the_split(tmp_path, tiny_data, monkeypatch):
-    import image_data
     split_seeds, split = [], image_data.split_indices
     monkeypatch.setattr(image_data, "split_indices", lambda n, seed=0: split_seeds.append(seed) or split(n, seed))
     runs = [train(tmp_path / name, tiny_data, "--model", "VAE", "--epochs", "1", *flags)[0].state_dict()
