@@ -4,6 +4,7 @@ Nothing here knows about a particular model. Models live in their own files; tra
 visualization.py and random_generation.py find them through the one dict in registry.py. Image data: image_data.py.
 """
 import argparse
+import ctypes
 import dataclasses
 import glob
 import math
@@ -29,8 +30,30 @@ class TrainingDiverged(Exception):
     """Training went numerically wrong (a NaN loss, a GAN whose D won): the loop exits with status 1, Best kept."""
 
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory():
+    """Let glibc's malloc keep what PyTorch frees on the CPU for the next allocation of the same size.
+
+    By default glibc maps a block above its mmap threshold (at most 32 MB) fresh at each allocation and unmaps it
+    at each free, and gives a free top of the heap back to the system: every step of a loop that allocates the
+    same large activations again then pays the kernel to zero new pages (page faults, system CPU time). Served
+    from the heap alone, never trimmed, a loop's blocks are reused as they are. A process then keeps its peak
+    memory until it exits. benchmarks/README.md measures it ("Memory allocation"). A no-op without glibc."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):   # not Linux, or another C library
+        return
+    mallopt(M_MMAP_MAX, 0)                 # no block of its own mapping: all from the heap
+    mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)  # never give the heap's free top back
+
+
 def run_cli(main):
-    """Run `main()`; a UserError becomes `error: ...` on stderr and exit status 2, Ctrl-C exit status 130."""
+    """Run `main()` (after keep_freed_memory); a UserError becomes `error: ...` on stderr and exit status 2,
+    Ctrl-C exit status 130."""
+    keep_freed_memory()
     try:
         main()
     except UserError as err:
