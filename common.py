@@ -34,6 +34,14 @@ class TrainingDiverged(Exception):
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 
 
+def glibc_mallopt():
+    """glibc's mallopt(param, value), or None without glibc (not Linux, or another C library)."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory():
     """Let glibc's malloc keep what PyTorch frees on the CPU for the next allocation of the same size.
 
@@ -42,9 +50,8 @@ def keep_freed_memory():
     same large activations again then pays the kernel to zero new pages (page faults, system CPU time). Served
     from the heap alone, never trimmed, a loop's blocks are reused as they are. A process then keeps its peak
     memory until it exits. benchmarks/README.md measures it ("Memory allocation"). A no-op without glibc."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):   # not Linux, or another C library
+    mallopt = glibc_mallopt()
+    if mallopt is None:
         return
     mallopt(M_MMAP_MAX, 0)                 # no block of its own mapping: all from the heap
     mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)  # never give the heap's free top back

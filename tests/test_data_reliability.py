@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import image_data
 from common import UserError
 from conftest import REPO, write_image_folder
@@ -44,16 +45,7 @@ def test_import_common_does_not_import_torchvision():
     assert result.stdout.strip() == "False"
 
 
-def glibc_present():
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").mallopt
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
-@pytest.mark.skipif(not glibc_present(), reason="keep_freed_memory sets glibc's malloc")
+@pytest.mark.skipif(common.glibc_mallopt() is None, reason="keep_freed_memory sets glibc's malloc")
 def test_keep_freed_memory_reuses_a_freed_block_instead_of_mapping_it_again():
     """A 64 MB tensor made and freed again and again: with glibc's defaults each one is a fresh mapping whose pages
     fault in anew; after keep_freed_memory (every script's start) the heap keeps the block, and once the heap has
