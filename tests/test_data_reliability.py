@@ -49,17 +49,17 @@ def test_import_common_does_not_import_torchvision():
 def test_keep_freed_memory_reuses_a_freed_block_instead_of_mapping_it_again():
     """A 64 MB tensor made and freed again and again: with glibc's defaults each one is a fresh mapping whose pages
     fault in anew; after keep_freed_memory (every script's start) the heap keeps the block, and once the heap has
-    grown to it (a few rounds) no page faults in any more."""
+    grown to it, at most a few rounds fault (here 0 or 2 of 30: the heap growing past a small block left above)."""
     probe = ("import resource, sys, torch, common\n"
              "if sys.argv[1] == 'keep': common.keep_freed_memory()\n"
              "for _ in range(5): torch.ones(16 * 2 ** 20).sum()\n"
              "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-             "for _ in range(10): torch.ones(16 * 2 ** 20).sum()\n"
+             "for _ in range(30): torch.ones(16 * 2 ** 20).sum()\n"
              "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
     faults = {setting: int(subprocess.run([sys.executable, "-c", probe, setting], cwd=REPO, capture_output=True,
                                           text=True, check=True).stdout)
               for setting in ("default", "keep")}
-    assert faults["keep"] * 10 < faults["default"], faults   # here about 0 against 10 x 16,384 pages of 4 KB
+    assert faults["keep"] * 3 < faults["default"], faults   # here 0 or 32,768 against 30 x 16,384 pages of 4 KB
 
 
 def test_class_folders_read_as_torchvision_imagefolder_lists_them(tmp_path):
