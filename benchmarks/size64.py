@@ -2,6 +2,7 @@
 
     flock /tmp/genlab_cpu.lock python benchmarks/size64.py                      # the built-in shapes, 64x64
     flock /tmp/genlab_cpu.lock python benchmarks/size64.py --data ./food101 --models diffusion GAN
+    flock /tmp/genlab_cpu.lock python benchmarks/size64.py --data objects --models flow --flags --label-attention
 
 Each model trains one epoch with its defaults (latent diffusion: one autoencoder epoch, then one of diffusion;
 the GAN without its sample-quality metric, --fid-every 0, which would first train an evaluator) in a fresh
@@ -36,15 +37,17 @@ def main():
     parser.add_argument("--data", default="shapes", help="data to train on (default: shapes)")
     parser.add_argument("--image-size", type=int, default=64, help="(default: 64)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="(default: all)")
+    parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
+                        help="train_script.py flags for every model, the rest of the line (e.g. --label-attention)")
     args = parser.parse_args()
     print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}, --data {args.data}, "
-          f"{args.image_size}x{args.image_size}")
+          f"{args.image_size}x{args.image_size}" + "".join(f" {flag}" for flag in args.flags))
     print("| model | epoch wall s | epoch CPU s | peak memory MiB |\n|---|---|---|---|")
     for name in args.models:
         folder = Path(tempfile.mkdtemp(prefix=f"size64_{name}_"))
         command = [sys.executable, str(REPO / "train_script.py"), "--model", name, "--data", args.data,
                    "--image-size", str(args.image_size), "--epochs", "1", "--models-dir", str(folder / "models"),
-                   "--log-dir", str(folder / "log"), *EXTRA.get(name, [])]
+                   "--log-dir", str(folder / "log"), *EXTRA.get(name, []), *args.flags]
         memory = peak_rss_mib(command)
         record = torch.load(folder / "models" / f"Last_{name}.pth", weights_only=True)["history"][-1]
         print(f"| {name} | {record['seconds']:.1f} | {record['cpu_seconds']:.1f} | {memory:.0f} |", flush=True)
