@@ -36,8 +36,9 @@ def measure(args):
     multi_hot = data.conditions("labels")[0]
     torch.manual_seed(0)
     model = flow_matching.Model(flow_matching.Config(label_attention=True), data.image_shape, 24, "labels")
-    optimizers = contract.Optimizers({"model": torch.optim.Adam(contract.trainable(model.unet), lr=6e-4)},
-                                     model.parameter_groups(), grad_clip=1.0)
+    defaults = flow_matching.TRAIN_DEFAULTS   # its training step as train_script.py builds it
+    optimizers = contract.Optimizers({"model": torch.optim.Adam(contract.trainable(model.unet), lr=defaults["lr"])},
+                                     model.parameter_groups(), grad_clip=defaults["grad_clip"])
     x, y = image_data.to_float(data.images[:32]), multi_hot[:32]
     model.train()
     for _ in range(3):   # warm-up: oneDNN picks its kernels
