@@ -362,6 +362,17 @@ def test_d_steps_five_makes_five_d_updates_per_g_update():
     assert d_steps == {10} and g_steps == {2} and int(model.ema_updates) == 2 and int(model.d_updates) == 10
 
 
+@pytest.mark.parametrize("spectral_norm", [False, True])
+def test_g_step_computes_no_gradient_for_d_and_leaves_d_trainable(spectral_norm):
+    model = build(spectral_norm=spectral_norm)
+    opts = optimizers(model)
+    d_before = [p.detach().clone() for p in model.discriminator.parameters()]
+    opts.step("generator", model.generator_terms, model.noise(4), None)
+    assert all(p.grad is None for p in model.discriminator.parameters())           # no work spent on D's weights
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.generator.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(d_before, model.discriminator.parameters()))
+    assert all(p.requires_grad for p in model.discriminator.parameters())         # D's own step still learns
+
 def test_checkpoints_without_the_d_update_count_and_ada_p_still_load():
     state = {k: v for k, v in build().state_dict().items() if k not in ("d_updates", "ada_p")}
     model = build(augment="translation")
@@ -383,14 +394,15 @@ def test_ada_applies_each_transform_with_probability_p():
 
 
 class ConstantD(torch.nn.Module):
-    """D(x) = c for every image: r_t = sign(c)."""
+    """D(x) = c for every image: r_t = sign(c). 0 * x keeps G in the graph of G's loss, as a real D does (G's step
+    freezes D's weights, so c alone would leave nothing to differentiate)."""
 
     def __init__(self, c):
         super().__init__()
         self.c = torch.nn.Parameter(torch.tensor(float(c)))
 
     def forward(self, x, labels=None):
-        return self.c.expand(len(x))
+        return self.c + 0 * x.sum(dim=(1, 2, 3))
 
 
 def test_ada_raises_p_while_r_t_is_above_the_target_and_lowers_it_while_below():
