@@ -373,6 +373,7 @@ def test_g_step_computes_no_gradient_for_d_and_leaves_d_trainable(spectral_norm)
     assert all(torch.equal(a, b) for a, b in zip(d_before, model.discriminator.parameters()))
     assert all(p.requires_grad for p in model.discriminator.parameters())         # D's own step still learns
 
+
 def test_checkpoints_without_the_d_update_count_and_ada_p_still_load():
     state = {k: v for k, v in build().state_dict().items() if k not in ("d_updates", "ada_p")}
     model = build(augment="translation")
