@@ -50,14 +50,13 @@ from common import TrainingDiverged, UserError, option
 from contract import GenerativeModel
 from diffaugment import diff_augment, parse_policy
 
-# DCGAN's optimiser (Adam, lr 2e-4, beta1 0.5) and batch; Best by sample quality every 2 epochs, measured
-# with FID when the Inception weights are present, else with the offline evaluator (fid.py --fid-features auto).
-# With DiffAugment the metric improves slowly and unevenly; on the flowers at 24x24 at the default width 32, with
-# the full policy color,translation,cutout, the best came at epoch 366 (about 15 training CPU-minutes on an
-# AVX-512 machine), with no new best in the next 580 epochs. With the default policy, translation,cutout, it
-# still improves later: FD_eval 0.36 at epoch 400, best 0.295 at 472 (docs/results.md, "Augmentation policies"):
-# 500 epochs, and a patience of 35 measurements.
-TRAIN_DEFAULTS = dict(epochs=500, lr=2e-4, adam_beta1=0.5, batch_size=64, patience=35, fid_every=2,
+# DCGAN's optimiser (Adam, lr 2e-4, beta1 0.5); Best by sample quality every 2 epochs, measured with FID when the
+# Inception weights are present, else with the offline evaluator (fid.py --fid-features auto). Batch 16, not
+# DCGAN's 64: on the flowers at 24x24 an epoch costs 1.6 times as much CPU time for four times the steps, and
+# at 10 training CPU-minutes FD_eval was 0.80 to 1.69 over three training seeds against 1.29 to 3.22 at batch 64,
+# with bests of 0.21 and 0.31 at about 18 minutes (docs/results.md, "Batch 16"). With DiffAugment the metric
+# improves slowly and unevenly: 500 epochs, and a patience of 35 measurements.
+TRAIN_DEFAULTS = dict(epochs=500, lr=2e-4, adam_beta1=0.5, batch_size=16, patience=35, fid_every=2,
                       fid_features=["auto"])
 LOSSES = ("nonsaturating", "hinge")
 D_WON = 0.99   # D(x) above this and D(G(z)) below 1 - this: D tells every image apart
