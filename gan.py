@@ -53,8 +53,8 @@ from diffaugment import diff_augment, parse_policy
 # DCGAN's optimiser (Adam, lr 2e-4, beta1 0.5); Best by sample quality every 2 epochs, measured with FID when the
 # Inception weights are present, else with the offline evaluator (fid.py --fid-features auto). Batch 16, not
 # DCGAN's 64: on the flowers at 24x24 an epoch costs 1.6 times as much CPU time for four times the steps, and
-# at 10 training CPU-minutes FD_eval was 0.80 to 1.69 over three training seeds against 1.29 to 3.22 at batch 64,
-# with bests of 0.21 and 0.31 at about 18 minutes (docs/results.md, "Batch 16"). With DiffAugment the metric
+# at 10 training CPU-minutes FD_eval was 0.80 to 1.65 over three training seeds against 1.29 to 3.22 at batch 64,
+# with bests of 0.21, 0.31 and 0.55 at 18 to 22 minutes (docs/results.md, "Batch 16"). With DiffAugment the metric
 # improves slowly and unevenly: 500 epochs, and a patience of 35 measurements.
 TRAIN_DEFAULTS = dict(epochs=500, lr=2e-4, adam_beta1=0.5, batch_size=16, patience=35, fid_every=2,
                       fid_features=["auto"])
