@@ -268,10 +268,6 @@ def train_run(args, argv, process, device, settings=None):
             schedulers[name].load_state_dict(ckpt["scheduler_states"][name])
         if optimizers.scaler is not None and ckpt.get("scaler_state"):
             optimizers.scaler.load_state_dict(ckpt["scaler_state"])
-        rng = ckpt["rng"]
-        common.set_rng_state(rng["processes"][process.rank] if len(rng.get("processes", [])) == process.world
-                             else rng)
-        shuffle_rng.set_state(rng["shuffle"])
         start_epoch, best, bad_validations = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["bad_validations"]
         history = list(ckpt["history"])
     else:
@@ -283,6 +279,13 @@ def train_run(args, argv, process, device, settings=None):
         quality = fid.sample_quality(args, args.data, args.image_size, data, val_images, val_labels, model.condition,
                                      device, args.models_dir, model.selects_by_sample_quality, args.fid_samples,
                                      args.seed)
+    if ckpt is not None:
+        # The random state last, after all that draws at start-up (the evaluator's layers are initialised before
+        # its weights load): the resumed run then draws what the straight run drew from the end of the saved epoch.
+        rng = ckpt["rng"]
+        common.set_rng_state(rng["processes"][process.rank] if len(rng.get("processes", [])) == process.world
+                             else rng)
+        shuffle_rng.set_state(rng["shuffle"])
     by_quality = args.fid_every > 0 and model.selects_by_sample_quality
     if model.selects_by_sample_quality and not by_quality and process.main:
         print(f"# note: {args.model} has no meaningful val_loss; pass --fid-every N to choose Best by sample quality",

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import fid
 import image_data
 import registry
 from common import UserError
@@ -37,6 +38,24 @@ def test_resume_gives_the_same_weights_as_one_straight_run(tmp_path, tiny_data, 
     a = torch.load(tmp_path / "a" / "models" / f"Last_{name}.pth", weights_only=True)
     b = torch.load(tmp_path / "b" / "models" / f"Last_{name}.pth", weights_only=True)
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+
+
+def test_resume_is_exact_when_sample_quality_is_measured(tmp_path, tiny_data):
+    """Building the evaluator draws random numbers (its layers' initial weights); the resumed run restores the saved
+    random state after that, so it goes on drawing what the straight run drew (GAN: z and the augmentations)."""
+    data = image_data.load_data(str(tiny_data), 8)
+    net, val_accuracy = fid.train_evaluator(data, epochs=1, width=4, log=lambda line: None)
+    fid.save_evaluator(net, data, val_accuracy, 0, tmp_path / "ev.pth")
+    flags = ["--model", "GAN", "--ngf", "4", "--ndf", "4", "--fid-every", "1", "--fid-features", "evaluator",
+             "--evaluator", tmp_path / "ev.pth", "--fid-samples", "8"]
+    straight, _ = train(tmp_path / "a", tiny_data, *flags, "--epochs", "3")
+    train(tmp_path / "b", tiny_data, *flags, "--epochs", "1")
+    resumed, _ = train(tmp_path / "b", tiny_data, "--model", "GAN", "--epochs", "3", "--resume")
+    for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
+    histories = [torch.load(tmp_path / run / "models" / "Last_GAN.pth", weights_only=True)["history"]
+                 for run in ("a", "b")]
+    assert [h["FD_eval"] for h in histories[0]] == [h["FD_eval"] for h in histories[1]]
 
 
 def test_train_seed_changes_the_training_and_not_the_split(tmp_path, tiny_data, monkeypatch):
