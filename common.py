@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,13 +245,42 @@ def config_from_dict(config_cls, values):
     return config_cls(**{k: v for k, v in values.items() if k in names})
 
 
-def rng_state():
-    return {"python": list(random.getstate()[1]), "torch": torch.get_rng_state()}
+def device_generator(device):
+    """(get, set) of the default generator of a GPU `device`, None on the CPU: noise made on the device
+    (torch.randn(..., device="cuda")) draws from this generator, not from the CPU's."""
+    if device.type == "cuda":
+        return (lambda: torch.cuda.get_rng_state(device)), (lambda state: torch.cuda.set_rng_state(state, device))
+    if device.type == "mps":
+        return torch.mps.get_rng_state, torch.mps.set_rng_state
+    return None
 
 
-def set_rng_state(state):
+def rng_state(device):
+    """The state of every generator training draws from: Python's, torch's CPU one and `device`'s own."""
+    state = {"python": list(random.getstate()[1]), "torch": torch.get_rng_state()}
+    if device_generator(device):
+        state[device.type] = device_generator(device)[0]()
+    return state
+
+
+def set_rng_state(state, device):
+    """Back to `state`; a device generator's state is restored on a device of that type (a checkpoint saved on
+    the CPU, or before device states were saved, has none: that generator keeps its seed)."""
     random.setstate((3, tuple(state["python"]), None))
     torch.set_rng_state(state["torch"])
+    if device_generator(device) and device.type in state:
+        device_generator(device)[1](state[device.type])
+
+
+@contextmanager
+def rng_kept(device):
+    """Run a block without moving the generators of `device`: what it draws leaves the training's own draws as
+    they would be without it."""
+    state = rng_state(device)
+    try:
+        yield
+    finally:
+        set_rng_state(state, device)
 
 
 # ----------------------------------------------------------------------------------------------

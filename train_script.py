@@ -274,17 +274,20 @@ def train_run(args, argv, process, device, settings=None):
         model.prepare(data, train_images)
 
     # Sample quality (FID/KID or FD_eval), and what Best is chosen on: measured by rank 0.
+    # Building it draws random numbers (the evaluator's layers are initialised before its weights load, or it is
+    # trained first): under rng_kept, so that training draws the same with and without --fid-every.
     quality = None
     if args.fid_every > 0 and process.main:
-        quality = fid.sample_quality(args, args.data, args.image_size, data, val_images, val_labels, model.condition,
-                                     device, args.models_dir, model.selects_by_sample_quality, args.fid_samples,
-                                     args.seed)
+        with common.rng_kept(device):
+            quality = fid.sample_quality(args, args.data, args.image_size, data, val_images, val_labels,
+                                         model.condition, device, args.models_dir, model.selects_by_sample_quality,
+                                         args.fid_samples, args.seed)
     if ckpt is not None:
-        # The random state last, after all that draws at start-up (the evaluator's layers are initialised before
-        # its weights load): the resumed run then draws what the straight run drew from the end of the saved epoch.
+        # The random state last, after all that is built at start-up: the resumed run then draws what the straight
+        # run drew from the end of the saved epoch.
         rng = ckpt["rng"]
         common.set_rng_state(rng["processes"][process.rank] if len(rng.get("processes", [])) == process.world
-                             else rng)
+                             else rng, device)
         shuffle_rng.set_state(rng["shuffle"])
     by_quality = args.fid_every > 0 and model.selects_by_sample_quality
     if model.selects_by_sample_quality and not by_quality and process.main:
@@ -306,10 +309,10 @@ def train_run(args, argv, process, device, settings=None):
     fixed_preview = image_data.to_float(val_images[:8])
 
     def save(path, epoch):
-        rng = {**common.rng_state(), "shuffle": shuffle_rng.get_state()}
+        rng = {**common.rng_state(device), "shuffle": shuffle_rng.get_state()}
         if process.world > 1:   # every process's noise generator, so that a resume continues each exactly
             rng["processes"] = [None] * process.world
-            torch.distributed.all_gather_object(rng["processes"], common.rng_state())
+            torch.distributed.all_gather_object(rng["processes"], common.rng_state(device))
         if process.main:
             common.save_checkpoint(checkpoint_state(args, model, optimizers, schedulers, data, condition, names, epoch,
                                                     best, bad_validations, history, rng), path)

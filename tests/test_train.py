@@ -1,7 +1,10 @@
 """The training loop: checkpoints, resume equivalence, early stopping, Ctrl-C, NaN, bad input."""
+import random
+
 import pytest
 import torch
 
+import common
 import fid
 import image_data
 import registry
@@ -56,6 +59,44 @@ def test_resume_is_exact_when_sample_quality_is_measured(tmp_path, tiny_data):
     histories = [torch.load(tmp_path / run / "models" / "Last_GAN.pth", weights_only=True)["history"]
                  for run in ("a", "b")]
     assert [h["FD_eval"] for h in histories[0]] == [h["FD_eval"] for h in histories[1]]
+
+
+def test_measuring_sample_quality_leaves_the_training_as_it_is(tmp_path, tiny_data):
+    """Building the evaluator draws random numbers (its layers' initial weights) under common.rng_kept, so a run
+    that measures FD_eval every epoch trains the same weights as one that never does."""
+    data = image_data.load_data(str(tiny_data), 8)
+    net, val_accuracy = fid.train_evaluator(data, epochs=1, width=4, log=lambda line: None)
+    fid.save_evaluator(net, data, val_accuracy, 0, tmp_path / "ev.pth")
+    flags = ["--model", "GAN", "--ngf", "4", "--ndf", "4", "--epochs", "2"]
+    unmeasured, _ = train(tmp_path / "a", tiny_data, *flags, "--fid-every", "0")
+    measured, _ = train(tmp_path / "b", tiny_data, *flags, "--fid-every", "1", "--fid-features", "evaluator",
+                        "--evaluator", tmp_path / "ev.pth", "--fid-samples", "8")
+    for (key, a), b in zip(unmeasured.state_dict().items(), measured.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_rng_kept_leaves_every_generator_where_it_was():
+    torch.manual_seed(0), random.seed(0)
+    expected = torch.rand(3), random.random()
+    torch.manual_seed(0), random.seed(0)
+    with common.rng_kept(torch.device("cpu")):
+        torch.rand(5), random.random()
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+
+
+def test_resume_restores_the_device_generator(tmp_path, tiny_data, monkeypatch):
+    """On a GPU, noise made on the device draws from the device's own generator: checkpoints keep its state and
+    --resume restores it. Played here by a stand-in generator that common.device_generator hands out for the CPU."""
+    device_rng = torch.Generator().manual_seed(0)
+    restored = []
+    monkeypatch.setattr(common, "device_generator", lambda device: (
+        device_rng.get_state, lambda state: restored.append(state) or device_rng.set_state(state)))
+    train(tmp_path, tiny_data, "--model", "VAE", "--epochs", "1")
+    saved = torch.load(tmp_path / "models" / "Last_VAE.pth", weights_only=True)["rng"]["cpu"]
+    assert torch.equal(saved, device_rng.get_state())
+    torch.rand(4, generator=device_rng)   # the generator moves on between the two commands
+    train(tmp_path, tiny_data, "--model", "VAE", "--epochs", "2", "--resume")
+    assert torch.equal(restored[0], saved)
 
 
 def test_train_seed_changes_the_training_and_not_the_split(tmp_path, tiny_data, monkeypatch):
