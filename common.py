@@ -258,8 +258,9 @@ def device_generator(device):
 def rng_state(device):
     """The state of every generator training draws from: Python's, torch's CPU one and `device`'s own."""
     state = {"python": list(random.getstate()[1]), "torch": torch.get_rng_state()}
-    if device_generator(device):
-        state[device.type] = device_generator(device)[0]()
+    generator = device_generator(device)
+    if generator:
+        state[device.type] = generator[0]()
     return state
 
 
@@ -268,8 +269,9 @@ def set_rng_state(state, device):
     the CPU, or before device states were saved, has none: that generator keeps its seed)."""
     random.setstate((3, tuple(state["python"]), None))
     torch.set_rng_state(state["torch"])
-    if device_generator(device) and device.type in state:
-        device_generator(device)[1](state[device.type])
+    generator = device_generator(device)
+    if generator and device.type in state:
+        generator[1](state[device.type])
 
 
 @contextmanager

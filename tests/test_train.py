@@ -43,14 +43,20 @@ def test_resume_gives_the_same_weights_as_one_straight_run(tmp_path, tiny_data, 
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
 
 
-def test_resume_is_exact_when_sample_quality_is_measured(tmp_path, tiny_data):
-    """Building the evaluator draws random numbers (its layers' initial weights); the resumed run restores the saved
-    random state after that, so it goes on drawing what the straight run drew (GAN: z and the augmentations)."""
+@pytest.fixture
+def tiny_evaluator(tmp_path, tiny_data):
+    """An offline evaluator of tiny_data at 8x8 (one epoch, width 4), for runs that measure FD_eval."""
     data = image_data.load_data(str(tiny_data), 8)
     net, val_accuracy = fid.train_evaluator(data, epochs=1, width=4, log=lambda line: None)
     fid.save_evaluator(net, data, val_accuracy, 0, tmp_path / "ev.pth")
+    return tmp_path / "ev.pth"
+
+
+def test_resume_is_exact_when_sample_quality_is_measured(tmp_path, tiny_data, tiny_evaluator):
+    """Building the evaluator draws random numbers (its layers' initial weights); the resumed run restores the saved
+    random state after that, so it goes on drawing what the straight run drew (GAN: z and the augmentations)."""
     flags = ["--model", "GAN", "--ngf", "4", "--ndf", "4", "--fid-every", "1", "--fid-features", "evaluator",
-             "--evaluator", tmp_path / "ev.pth", "--fid-samples", "8"]
+             "--evaluator", tiny_evaluator, "--fid-samples", "8"]
     straight, _ = train(tmp_path / "a", tiny_data, *flags, "--epochs", "3")
     train(tmp_path / "b", tiny_data, *flags, "--epochs", "1")
     resumed, _ = train(tmp_path / "b", tiny_data, "--model", "GAN", "--epochs", "3", "--resume")
@@ -61,16 +67,13 @@ def test_resume_is_exact_when_sample_quality_is_measured(tmp_path, tiny_data):
     assert [h["FD_eval"] for h in histories[0]] == [h["FD_eval"] for h in histories[1]]
 
 
-def test_measuring_sample_quality_leaves_the_training_as_it_is(tmp_path, tiny_data):
+def test_measuring_sample_quality_leaves_the_training_as_it_is(tmp_path, tiny_data, tiny_evaluator):
     """Building the evaluator draws random numbers (its layers' initial weights) under common.rng_kept, so a run
     that measures FD_eval every epoch trains the same weights as one that never does."""
-    data = image_data.load_data(str(tiny_data), 8)
-    net, val_accuracy = fid.train_evaluator(data, epochs=1, width=4, log=lambda line: None)
-    fid.save_evaluator(net, data, val_accuracy, 0, tmp_path / "ev.pth")
     flags = ["--model", "GAN", "--ngf", "4", "--ndf", "4", "--epochs", "2"]
     unmeasured, _ = train(tmp_path / "a", tiny_data, *flags, "--fid-every", "0")
     measured, _ = train(tmp_path / "b", tiny_data, *flags, "--fid-every", "1", "--fid-features", "evaluator",
-                        "--evaluator", tmp_path / "ev.pth", "--fid-samples", "8")
+                        "--evaluator", tiny_evaluator, "--fid-samples", "8")
     for (key, a), b in zip(unmeasured.state_dict().items(), measured.state_dict().values()):
         assert torch.equal(a, b), key
 
