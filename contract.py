@@ -35,6 +35,8 @@ class GenerativeModel(nn.Module):
     preview = "samples"                 # TensorBoard's picture at each validation: "samples" or "reconstructions"
     selects_by_sample_quality = False   # no meaningful val_loss (a GAN): Best follows FID / FD_eval (--fid-every)
     sample_options = ()                 # keywords of sample() besides labels: e.g. ("sampler", "steps", "guidance")
+    lr_scales = {}                      # {parameter group: factor}: its learning rate is --lr times the factor
+                                        # (groups not named: 1); e.g. a GAN's two time-scale update rule
 
     def __init__(self, config, image_shape):
         super().__init__()

@@ -23,6 +23,8 @@ named after its paper:
   "cGANs with Projection Discriminator");
 - one self-attention block in G and in D at a chosen feature-map size (Zhang et al. 2019, "Self-Attention
   Generative Adversarial Networks"; e.g. --attention 12 at 24x24), off by default;
+- the two time-scale update rule (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge
+  to a Local Nash Equilibrium"): D's learning rate a multiple of G's (--d-lr-scale), off by default;
 - an exponential moving average of G's weights (Yazici et al. 2019, "The Unusual Effectiveness of
   Averaging in GAN Training"), which is what `sample` uses.
 
@@ -94,6 +96,8 @@ class Config:
     attention: int = option(0, "SAGAN (Zhang et al. 2019): one self-attention block in G and in D at this feature-map "
                                "size, after the block that makes it (24x24 images: 6 or 12; 32x32: 8 or 16); 0: off",
                             low=0)
+    d_lr_scale: float = option(1.0, "TTUR (Heusel et al. 2017, the two time-scale update rule): D's learning rate "
+                                    "is --lr times this, G's is --lr (SAGAN: 4, with --lr 1e-4)", low=0)
     ema_decay: float = option(0.999, "EMA decay of G's weights, which sampling uses (Yazici et al. 2019); 0: G itself",
                               low=0, high=1)
     divergence_steps: int = option(500, f"stop when D(x) > {D_WON} and D(G(z)) < {1 - D_WON:.2g} for this many steps "
@@ -266,6 +270,9 @@ class Model(GenerativeModel):
             choices = f"among {', '.join(map(str, sizes))} (or 0: off)" if sizes else "0 (off), or a larger --image-size"
             raise UserError(f"--attention {config.attention} is not a feature-map size of this GAN at {height}x{width}; "
                             f"choose {choices}")
+        if config.d_lr_scale <= 0:
+            raise UserError(f"--d-lr-scale must be above 0, got {config.d_lr_scale}; 1 trains D at --lr, as G")
+        self.lr_scales = {"discriminator": config.d_lr_scale}
         if config.conditional and condition != "class":
             raise UserError(f"the GAN conditions on one class per image, not on {condition}; drop --conditional, "
                             "or pass --condition class")

@@ -40,12 +40,12 @@ def resolve_condition(requested, data):
     return None if requested == "none" else requested
 
 
-def make_optimizer(module, args):
-    params = contract.trainable(module)
+def make_optimizer(module, args, lr_scale=1.0):
+    params, lr = contract.trainable(module), args.lr * lr_scale
     if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     optimizer_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_cls(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
+    return optimizer_cls(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
 
 
 @torch.no_grad()
@@ -255,7 +255,8 @@ def train_run(args, argv, process, device, settings=None):
     groups = model.parameter_groups()
     if args.compile:
         compile_networks(groups)
-    optimizers = contract.Optimizers({name: make_optimizer(m, args) for name, m in groups.items()}, groups,
+    optimizers = contract.Optimizers({name: make_optimizer(m, args, model.lr_scales.get(name, 1.0))
+                                      for name, m in groups.items()}, groups,
                                      args.grad_clip, args.grad_accum, args.precision, device.type, process.world > 1)
     schedulers = {name: torch.optim.lr_scheduler.StepLR(o, args.lr_decay_every, args.lr_decay)
                   for name, o in optimizers.items()}
@@ -328,7 +329,8 @@ def train_run(args, argv, process, device, settings=None):
             if not all(math.isfinite(v) for v in record.values()):
                 raise TrainingDiverged(f"epoch {epoch}: training loss became {record['train_loss']}; "
                                        f"{best_path} is left as it was. Try a lower --lr.")
-            record["lr"] = optimizers[next(iter(groups))].param_groups[0]["lr"]
+            first = next(iter(groups))   # the logged lr is --lr's current value, before any group's lr_scales
+            record["lr"] = optimizers[first].param_groups[0]["lr"] / model.lr_scales.get(first, 1.0)
             for s in schedulers.values():
                 s.step()
 

@@ -53,6 +53,8 @@ def test_unsupported_sizes_and_settings_are_one_line_errors():
             build((3, size, size))
     with pytest.raises(UserError, match="hinge"):
         build(loss="wasserstein")
+    with pytest.raises(UserError, match="--d-lr-scale must be above 0"):
+        build(d_lr_scale=0.0)
 
 
 def test_losses_match_their_closed_forms():
@@ -424,6 +426,7 @@ def test_ada_raises_p_while_r_t_is_above_the_target_and_lowers_it_while_below():
     ["--augment", "color,translation,cutout", "--r1-gamma", "1", "--r1-every", "2"],
     ["--spectral-norm", "--d-steps", "3", "--adam-beta1", "0", "--adam-beta2", "0.9", "--augment", "translation",
      "--ada-target", "0.6", "--ada-images", "100"],
+    ["--d-lr-scale", "4", "--lr-decay-every", "1", "--lr-decay", "0.5"],
 ])
 def test_cli_with_the_small_data_flags_trains_and_resumes_exactly(tmp_path, flags):
     data = write_image_folder(tmp_path / "data", per_class=20, size=16, classes=("x", "y"))
@@ -444,12 +447,17 @@ def test_cli_with_the_small_data_flags_trains_and_resumes_exactly(tmp_path, flag
     ckpt = torch.load(tmp_path / "b" / "models" / "Last_GAN.pth", weights_only=True)
     betas = ckpt["optimizer_states"]["discriminator"]["param_groups"][0]["betas"]
     assert tuple(betas) == ((0.0, 0.9) if "--spectral-norm" in flags else (0.5, 0.999))
+    # TTUR: D's lr is --d-lr-scale times G's through the decays and the resume; the log shows --lr's own value
+    lr_g, lr_d = (ckpt["optimizer_states"][g]["param_groups"][0]["lr"] for g in ("generator", "discriminator"))
+    decay = 0.25 if "--lr-decay" in flags else 1.0   # two epochs, halved after each
+    assert lr_g == pytest.approx(2e-4 * decay) and lr_d == pytest.approx(lr_g * (4 if "--d-lr-scale" in flags else 1))
     untimed = [{k: v for k, v in record.items() if "seconds" not in k}
                for run in ("a", "b") for record in torch.load(tmp_path / run / "models" / "Last_GAN.pth",
                                                                weights_only=True)["history"]]
     assert untimed[:2] == untimed[2:]
     assert ("train_r1" in untimed[0]) == ("--r1-gamma" in flags)
     assert ("train_ada_p" in untimed[0]) == ("--ada-target" in flags)
+    assert [r["lr"] for r in untimed[:2]] == pytest.approx([2e-4, 2e-4 * decay ** 0.5])
 
 
 # -- SAGAN's self-attention ------------------------------------------------------------------------------------
