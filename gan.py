@@ -23,6 +23,8 @@ named after its paper:
   "cGANs with Projection Discriminator");
 - one self-attention block in G and in D at a chosen feature-map size (Zhang et al. 2019, "Self-Attention
   Generative Adversarial Networks"; e.g. --attention 12 at 24x24), off by default;
+- LeCam regularisation (Tseng et al. 2021, "Regularizing Generative Adversarial Networks under Limited
+  Data"): D's logits on real images held near its recent mean on generated ones and the reverse, off by default;
 - the two time-scale update rule (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge
   to a Local Nash Equilibrium"): D's learning rate a multiple of G's (--d-lr-scale), off by default;
 - an exponential moving average of G's weights (Yazici et al. 2019, "The Unusual Effectiveness of
@@ -61,6 +63,7 @@ from diffaugment import diff_augment, parse_policy
 TRAIN_DEFAULTS = dict(epochs=500, lr=2e-4, adam_beta1=0.5, batch_size=16, patience=35, fid_every=2,
                       fid_features=["auto"])
 LOSSES = ("nonsaturating", "hinge")
+LECAM_DECAY = 0.99   # of LeCam's anchors, as Tseng et al.'s code
 D_WON = 0.99   # D(x) above this and D(G(z)) below 1 - this: D tells every image apart
 
 
@@ -91,6 +94,9 @@ class Config:
                                   "real images; 0: off", low=0)
     r1_every: int = option(1, "lazy R1 (Karras et al. 2020, StyleGAN2): the penalty on every N-th D step only, "
                               "times N; 1: every step", low=1)
+    lecam: float = option(0.0, "LeCam (Tseng et al. 2021): D's loss += lambda (E relu(D(x) - a_F)^2 + E relu(a_R - "
+                               "D(G(z)))^2), a_R and a_F the EMAs (decay 0.99) of D's mean logits on real and generated "
+                               "images; lambda (LeCam with DiffAugment: 0.3); 0: off", low=0)
     conditional: bool = option(False, "condition on the class when the data has several: label embedding in G "
                                       "(Mirza & Osindero 2014), projection D (Miyato & Koyama 2018)")
     attention: int = option(0, "SAGAN (Zhang et al. 2019): one self-attention block in G and in D at this feature-map "
@@ -105,10 +111,12 @@ class Config:
 
 
 def count_from_zero_in_older_checkpoints(module, state_dict, prefix, *args):
-    """A checkpoint saved before Model counted D updates and adapted p has neither: count from 0 (only
-    --d-steps > 1 and lazy R1 read the count), p = 1 (only --augment reads it)."""
+    """A checkpoint saved before Model counted D updates, adapted p and kept LeCam's anchors has none of them:
+    count from 0 (only --d-steps > 1 and lazy R1 read the count), p = 1 (only --augment reads it), anchors 0
+    (only --lecam reads them)."""
     state_dict.setdefault(prefix + "d_updates", torch.zeros((), dtype=torch.long))
     state_dict.setdefault(prefix + "ada_p", torch.tensor(1.0))
+    state_dict.setdefault(prefix + "lecam_anchors", torch.zeros(2))
 
 
 def size_plan(size):
@@ -254,6 +262,13 @@ def r1_penalty(real_logits, real):
     return grad.square().sum(dim=(1, 2, 3)).mean()
 
 
+def lecam_penalty(real_logits, fake_logits, anchor_real, anchor_fake):
+    """LeCam's R_LC (Tseng et al. 2021) as their code computes it, on logits, only the side past the anchor:
+    E relu(D(x) - a_F)^2 + E relu(a_R - D(G(z)))^2. It keeps D from pushing its outputs on real images ever
+    further from those on generated ones, which is what a D that memorises the training images does."""
+    return F.relu(real_logits - anchor_fake).square().mean() + F.relu(anchor_real - fake_logits).square().mean()
+
+
 class Model(GenerativeModel):
     selects_by_sample_quality = True   # Best and early stopping follow FID / FD_eval, not a loss
     sample_options = ()
@@ -289,6 +304,8 @@ class Model(GenerativeModel):
         self.register_buffer("d_won_steps", torch.zeros((), dtype=torch.long))   # steps in a row that D won
         # D updates so far: which steps update G (--d-steps) and carry lazy R1 (--r1-every), the same after --resume
         self.register_buffer("d_updates", torch.zeros((), dtype=torch.long))
+        # LeCam's anchors a_R, a_F: EMAs of D's mean logits on real and generated images, set by the first D step
+        self.register_buffer("lecam_anchors", torch.zeros(2))
         self.register_buffer("ada_p", torch.tensor(0.0 if config.ada_target > 0 else 1.0))   # ADA starts at p = 0
         self.register_load_state_dict_pre_hook(count_from_zero_in_older_checkpoints)
 
@@ -336,6 +353,12 @@ class Model(GenerativeModel):
                        else torch.zeros((), device=real.device))
             terms["r1"] = penalty
             loss_d = loss_d + penalty
+        if self.config.lecam > 0:   # the anchors take this step's means first, as in their code; the first sets them
+            means = torch.stack([real_logits.mean(), fake_logits.mean()]).detach()
+            decay = LECAM_DECAY if int(self.d_updates) else 0.0
+            anchors = self.lecam_anchors.copy_(decay * self.lecam_anchors + (1 - decay) * means).clone()
+            terms["lecam"] = self.config.lecam * lecam_penalty(real_logits, fake_logits, *anchors)
+            loss_d = loss_d + terms["lecam"]
         if self.config.ada_target > 0:
             terms["ada_r"] = real_logits.detach().sign().mean()      # r_t = E[sign(D(x))], x real
         return {"loss": loss_d, **terms}

@@ -349,6 +349,26 @@ def test_lazy_r1_adds_gamma_over_two_times_the_interval_on_every_nth_d_step():
     assert torch.allclose(terms["loss"], terms["loss_D"] + expected)
 
 
+def test_lecam_penalty_by_hand_and_its_anchors_are_emas_of_d_mean_logits():
+    # relu(D(x) - a_F) = relu([1, -1, 3] + 0.5) = [1.5, 0, 3.5], relu(a_R - D(G(z))) = relu(0.5 - [0, -2]) = [0.5, 2.5]
+    penalty = gan.lecam_penalty(torch.tensor([1.0, -1.0, 3.0]), torch.tensor([0.0, -2.0]), 0.5, -0.5)
+    assert float(penalty) == pytest.approx((1.5 ** 2 + 3.5 ** 2) / 3 + (0.5 ** 2 + 2.5 ** 2) / 2)
+    model = build((3, 8, 8), lecam=0.3, divergence_steps=0)
+    model.discriminator = LinearD(3 * 8 * 8)
+    anchors = None
+    for step in range(3):
+        real, z = torch.rand(4, 3, 8, 8) * 2 - 1, model.noise(4)
+        terms = model.discriminator_terms(real, z, None)
+        model.d_updates += 1
+        with torch.no_grad():
+            real_logits, fake_logits = model.discriminator(real), model.discriminator(model.generator(z))
+        means = torch.stack([real_logits.mean(), fake_logits.mean()])
+        anchors = means if anchors is None else 0.99 * anchors + 0.01 * means   # the first step sets them
+        assert torch.allclose(model.lecam_anchors, anchors)
+        assert torch.allclose(terms["lecam"], 0.3 * gan.lecam_penalty(real_logits, fake_logits, *anchors))
+        assert torch.allclose(terms["loss"], terms["loss_D"] + terms["lecam"])
+
+
 def test_d_steps_five_makes_five_d_updates_per_g_update():
     model = build(d_steps=5)
     opts = optimizers(model)
@@ -376,11 +396,11 @@ def test_g_step_computes_no_gradient_for_d_and_leaves_d_trainable(spectral_norm)
     assert all(p.requires_grad for p in model.discriminator.parameters())         # D's own step still learns
 
 
-def test_checkpoints_without_the_d_update_count_and_ada_p_still_load():
-    state = {k: v for k, v in build().state_dict().items() if k not in ("d_updates", "ada_p")}
+def test_checkpoints_without_the_d_update_count_ada_p_and_lecam_anchors_still_load():
+    state = {k: v for k, v in build().state_dict().items() if k not in ("d_updates", "ada_p", "lecam_anchors")}
     model = build(augment="translation")
     model.load_state_dict(state)   # strict
-    assert int(model.d_updates) == 0 and float(model.ada_p) == 1.0
+    assert int(model.d_updates) == 0 and float(model.ada_p) == 1.0 and not model.lecam_anchors.any()
 
 
 # -- ADA -------------------------------------------------------------------------------------------------------
@@ -423,7 +443,7 @@ def test_ada_raises_p_while_r_t_is_above_the_target_and_lowers_it_while_below():
 
 
 @pytest.mark.parametrize("flags", [
-    ["--augment", "color,translation,cutout", "--r1-gamma", "1", "--r1-every", "2"],
+    ["--augment", "color,translation,cutout", "--r1-gamma", "1", "--r1-every", "2", "--lecam", "0.3"],
     ["--spectral-norm", "--d-steps", "3", "--adam-beta1", "0", "--adam-beta2", "0.9", "--augment", "translation",
      "--ada-target", "0.6", "--ada-images", "100"],
     ["--d-lr-scale", "4", "--lr-decay-every", "1", "--lr-decay", "0.5"],
@@ -457,6 +477,7 @@ def test_cli_with_the_small_data_flags_trains_and_resumes_exactly(tmp_path, flag
     assert untimed[:2] == untimed[2:]
     assert ("train_r1" in untimed[0]) == ("--r1-gamma" in flags)
     assert ("train_ada_p" in untimed[0]) == ("--ada-target" in flags)
+    assert ("train_lecam" in untimed[0]) == ("--lecam" in flags)
     assert [r["lr"] for r in untimed[:2]] == pytest.approx([2e-4, 2e-4 * decay ** 0.5])
 
 
