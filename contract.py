@@ -85,12 +85,19 @@ class GenerativeModel(nn.Module):
         return terms
 
     # -- shared mechanics ------------------------------------------------------------------------------------
-    def check_sampling(self, labels, guidance):
-        """Conditions and guidance are for conditional models: one line naming the fix otherwise."""
+    def check_sampling(self, labels, guidance, guidance_interval=None):
+        """Conditions and guidance are for conditional models, and a guidance interval (lo, hi] for guidance with
+        0 <= lo < hi: one line naming the fix otherwise."""
         if labels is not None and not self.conditional:
             raise UserError("this model is unconditional (one class, or --unconditional); drop --class-label")
         if guidance != 1 and not self.conditional:
             raise UserError("--guidance needs a conditional model; this one is unconditional")
+        if guidance_interval is not None:
+            lo, hi = guidance_interval
+            if guidance == 1:
+                raise UserError("--guidance-interval limits where --guidance applies; pass --guidance W (not 1) too")
+            if not 0 <= lo < hi:
+                raise UserError(f"--guidance-interval LO HI needs 0 <= LO < HI, got {lo:g} {hi:g}; e.g. 0.28 5.42")
 
     def init_ema(self, network_name, decay):
         """Keep `self.ema`, an exponential moving average of the sub-network `network_name`, for sampling."""

@@ -24,7 +24,7 @@ import iddpm
 import samplers
 from common import UserError, option
 from contract import GenerativeModel
-from unet import (UNet, UNetConfig, as_condition, check_size, condition_for, drop_condition, guided,
+from unet import (UNet, UNetConfig, as_condition, check_size, condition_for, drop_condition, guidance_at, guided,
                   sampling_condition)
 
 TRAIN_DEFAULTS = dict(epochs=35, lr=6e-4, batch_size=32, lr_decay=0.5, lr_decay_every=15, patience=10, flip=True,
@@ -76,7 +76,7 @@ def beta_schedule(name, T):
 
 class Model(GenerativeModel):
     denoises = True
-    sample_options = ("sampler", "steps", "eta", "guidance")
+    sample_options = ("sampler", "steps", "eta", "guidance", "guidance_interval")
 
     def __init__(self, config, image_shape, num_classes=1, condition="class"):
         super().__init__(config, image_shape)
@@ -204,10 +204,16 @@ class Model(GenerativeModel):
             x0 = x0.clamp(-1, 1)
         return x0, (xt - sa * x0) / s1a, v
 
-    def denoiser(self, y, guidance):
-        """denoise(x_t, t) -> (x0_hat, eps_hat, v) for samplers.py: EMA weights in eval mode, guidance w."""
+    def denoiser(self, y, guidance, interval=None):
+        """denoise(x_t, t) -> (x0_hat, eps_hat, v) for samplers.py: EMA weights in eval mode, guidance w at the
+        noise levels sigma = sqrt((1 - ab_t) / ab_t) in `interval` (all without one)."""
         net = self.unet if self.training else self.ema
-        return lambda xt, t: self.predict(xt, t, guided(net, xt, t, y, guidance))
+
+        def denoise(xt, t):
+            ab = self.alphas_bar[t[0]]
+            w = guidance_at(float(((1 - ab) / ab).sqrt()), guidance, interval)
+            return self.predict(xt, t, guided(net, xt, t, y, w))
+        return denoise
 
     def to_images(self, x):
         """Diffusion space to images in [0, 1]: [-1, 1] -> [0, 1]."""
@@ -215,25 +221,26 @@ class Model(GenerativeModel):
 
     @torch.no_grad()
     def denoising_process(self, n, generator=None, frames=10, labels=None, sampler="ddim", steps=None, eta=DDIM_ETA,
-                          guidance=1.0):
+                          guidance=1.0, guidance_interval=None):
         """Sample n images; returns (frames, n, C, H, W) in [0, 1]: x_T, ..., x_0, evenly spaced in the steps.
 
         sampler: 'ddim' (steps evenly spaced, noise eta: 0 deterministic given x_T, 1 DDPM-like), 'dpmpp'
         (DPM-Solver++(2M), time-uniform steps) or 'ddpm' (ancestral; all T steps unless `steps`). steps: network
         evaluations, default DEFAULT_STEPS. labels: image i is drawn for the condition labels[i] (default: class
         i mod K, or the null condition for labels and layouts); guidance: classifier-free guidance's w (1: the
-        conditional model alone)."""
+        conditional model alone), at the noise levels sigma = sqrt((1 - ab_t) / ab_t) in guidance_interval =
+        (lo, hi] (all without one)."""
         if sampler not in DEFAULT_STEPS:
             raise UserError(f"unknown sampler '{sampler}'; choose {', '.join(DEFAULT_STEPS)}")
         T = self.config.timesteps
         steps = steps or DEFAULT_STEPS[sampler] or T
         if steps < 1:
             raise UserError(f"--steps must be at least 1, got {steps}")
-        self.check_sampling(labels, guidance)
+        self.check_sampling(labels, guidance, guidance_interval)
         device = self.alphas_bar.device
         x = torch.randn(n, *self.image_shape, generator=generator, device=device)   # x_T ~ N(0, I)
         y = sampling_condition(labels, n, self.condition, self.num_classes, self.image_shape[1:], device)
-        denoise = self.denoiser(y, guidance)
+        denoise = self.denoiser(y, guidance, guidance_interval)
         if sampler == "dpmpp":
             ts = samplers.time_uniform(T, min(steps, T))
             states = samplers.dpm_solver_pp_2m(denoise, x, self.alphas_bar, ts)

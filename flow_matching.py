@@ -20,6 +20,7 @@ t = sigmoid(m + s n), n ~ N(0, 1), which spends more training on the middle of t
     python random_generation.py --model flow --sampler euler --steps 20
     python visualization.py --model flow                            # vis/denoising_flow.png
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ import samplers
 from common import UserError, option
 from contract import GenerativeModel
 from ddpm import TRAIN_DEFAULTS as DDPM_TRAIN_DEFAULTS
-from unet import (UNet, UNetConfig, as_condition, check_size, condition_for, drop_condition, guided,
+from unet import (UNet, UNetConfig, as_condition, check_size, condition_for, drop_condition, guidance_at, guided,
                   sampling_condition)
 
 TRAIN_DEFAULTS = dict(DDPM_TRAIN_DEFAULTS)
@@ -50,7 +51,7 @@ class Config(UNetConfig):   # the U-Net's flags, and these
 
 class Model(GenerativeModel):
     denoises = True
-    sample_options = ("sampler", "steps", "guidance")
+    sample_options = ("sampler", "steps", "guidance", "guidance_interval")
 
     def __init__(self, config, image_shape, num_classes=1, condition="class"):
         super().__init__(config, image_shape)
@@ -84,27 +85,34 @@ class Model(GenerativeModel):
         v = (self.unet if self.training else self.ema)((1 - t_) * x0 + t_ * eps, t * TIME_SCALE, labels)
         return {"loss": (v - (eps - x0)).pow(2).mean()}
 
-    def velocity(self, y, guidance):
-        """velocity(x, t) for samplers.py at a time t in [0, 1]: EMA weights in eval mode, guidance w."""
+    def velocity(self, y, guidance, interval=None):
+        """velocity(x, t) for samplers.py at a time t in [0, 1]: EMA weights in eval mode, guidance w at the noise
+        levels sigma = t / (1 - t) in `interval` (all without one)."""
         net = self.unet if self.training else self.ema
-        return lambda x, t: guided(net, x, torch.full((len(x),), t * TIME_SCALE, device=x.device), y, guidance)
+
+        def velocity_at(x, t):
+            w = guidance_at(t / (1 - t) if t < 1 else math.inf, guidance, interval)
+            return guided(net, x, torch.full((len(x),), t * TIME_SCALE, device=x.device), y, w)
+        return velocity_at
 
     @torch.no_grad()
-    def denoising_process(self, n, generator=None, frames=10, labels=None, sampler="heun", steps=None, guidance=1.0):
+    def denoising_process(self, n, generator=None, frames=10, labels=None, sampler="heun", steps=None, guidance=1.0,
+                          guidance_interval=None):
         """Sample n images; returns (frames, n, C, H, W) in [0, 1], from the noise x_1 to the sample x_0, evenly
         spaced in the steps. sampler: 'heun' (2 network evaluations a step) or 'euler' (1);
         steps: evenly spaced in t, default DEFAULT_STEPS; labels: image i is drawn for the condition labels[i];
-        guidance: classifier-free guidance's w (1: the conditional model alone)."""
+        guidance: classifier-free guidance's w (1: the conditional model alone), at the noise levels
+        sigma = t / (1 - t) in guidance_interval = (lo, hi] (all without one)."""
         if sampler not in DEFAULT_STEPS:
             raise UserError(f"unknown sampler '{sampler}' for flow matching; choose {', '.join(DEFAULT_STEPS)}")
         steps = steps or DEFAULT_STEPS[sampler]
         if steps < 1:
             raise UserError(f"--steps must be at least 1, got {steps}")
-        self.check_sampling(labels, guidance)
+        self.check_sampling(labels, guidance, guidance_interval)
         device = next(self.ema.parameters()).device
         x = torch.randn(n, *self.image_shape, generator=generator, device=device)   # x_1 ~ N(0, I)
         velocity = self.velocity(sampling_condition(labels, n, self.condition, self.num_classes,
-                                                    self.image_shape[1:], device), guidance)
+                                                    self.image_shape[1:], device), guidance, guidance_interval)
         ts = [1 - i / steps for i in range(steps + 1)]
         states = (samplers.heun if sampler == "heun" else samplers.euler)(velocity, x, ts)
         return ((samplers.keep_frames(x, states, steps, frames) + 1) / 2).clamp(0, 1)

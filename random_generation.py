@@ -55,6 +55,10 @@ def main():
                    "for a model conditioned on layouts")
     g.add_argument("--guidance", type=common.checked(float), default=None,
                    help="classifier-free guidance weight w; 1: the conditional model alone (default: 1)")
+    g.add_argument("--guidance-interval", type=common.checked(float), nargs=2, metavar=("LO", "HI"), default=None,
+                   help="guidance only at noise levels sigma in (LO, HI], the conditional model alone elsewhere "
+                        "(Kynkaanniemi et al. 2024; EDM's sigma: sqrt((1 - ab_t) / ab_t), or t / (1 - t) for flow); "
+                        "e.g. 0.28 5.42 (default: every level)")
     parser.add_argument("--fid", action="store_true", help="also report FID and KID against the validation images "
                         "(or FD_eval, KID_eval: with the run's own --fid-features unless given)")
     fid.add_metric_flags(parser)
@@ -89,13 +93,19 @@ def class_index(label, names):
                     + ", ".join(f"{i} {name}" for i, name in enumerate(names)))
 
 
+def flag_name(option):
+    """A sample option's command-line name: guidance_interval -> guidance-interval."""
+    return option.replace("_", "-")
+
+
 def sample_options(model, ckpt, args, device):
     """The sampler flags that were given, as keywords of model.sample; an error for one it does not take."""
-    options = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "guidance") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "guidance", "guidance_interval")
+               if getattr(args, k) is not None}
     for key in options:
         if key not in model.sample_options:
-            raise UserError(f"--{key} does not apply to the {args.model} model; it takes "
-                            + (", ".join(f"--{k}" for k in model.sample_options) or "no sampler options"))
+            raise UserError(f"--{flag_name(key)} does not apply to the {args.model} model; it takes "
+                            + (", ".join(f"--{flag_name(k)}" for k in model.sample_options) or "no sampler options"))
     if args.guidance is not None and not model.conditional:
         raise UserError(f"--guidance needs a conditional model; this {args.model} model is not (trained on one "
                         "class, or unconditional)")

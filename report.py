@@ -228,8 +228,8 @@ def main(argv=None):
     parser.add_argument("--at-epochs", type=common.checked(int, 1), nargs="+", default=None,
                         help="with --table: also the sample-quality metric logged during training at these epochs")
     parser.add_argument("--quality", action="store_true", help="print only a table of sample quality, a row per "
-                        "RUN[@OPTIONS] (OPTIONS: sampler=S,steps=N,eta=E,guidance=W,labels=FILE,layouts=PATH), as "
-                        "random_generation.py --fid measures it")
+                        "RUN[@OPTIONS] (OPTIONS: sampler=S,steps=N,eta=E,guidance=W,guidance_interval=LO:HI,labels=FILE,"
+                        "layouts=PATH), as random_generation.py --fid measures it")
     fid.add_metric_flags(parser)
     parser.set_defaults(fid_features=None)   # None: the features each run was trained with, as random_generation
     parser.add_argument("--models-dir", default="models", help="where run names are looked up (default: models)")

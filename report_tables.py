@@ -201,7 +201,16 @@ def marks_table(runs, marks, unit="min"):
 # ----------------------------------------------------------------------------------------------
 
 # RUN@key=value,...: random_generation.py's sampler flags, each with its type
-SPEC_KEYS = {"sampler": str, "steps": int, "eta": float, "guidance": float, "labels": str, "layouts": str}
+def interval(text):
+    """'0.28:5.42' -> (0.28, 5.42), a guidance interval (lo, hi]."""
+    lo, sep, hi = text.partition(":")
+    if not sep:
+        raise ValueError(text)
+    return float(lo), float(hi)
+
+
+SPEC_KEYS = {"sampler": str, "steps": int, "eta": float, "guidance": float, "guidance_interval": interval,
+             "labels": str, "layouts": str}
 
 
 def parse_spec(spec):
@@ -218,15 +227,18 @@ def parse_spec(spec):
         try:
             options[key] = SPEC_KEYS[key](value)
         except ValueError:
-            kind = "an integer" if SPEC_KEYS[key] is int else "a number"
+            kind = {int: "an integer", interval: "LO:HI, two numbers"}.get(SPEC_KEYS[key], "a number")
             raise UserError(f"'{item}' in '{spec}': {key} takes {kind}, not '{value}'") from None
     return run, options
 
 
 def shown_option(key, value):
-    """A sampler option as the quality table shows it: a file by its name, a number as short as it reads."""
+    """A sampler option as the quality table shows it: a file by its name, a number as short as it reads, an
+    interval as LO:HI."""
     if key in ("labels", "layouts"):
         return Path(value).name
+    if isinstance(value, tuple):
+        return ":".join(f"{v:g}" for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 

@@ -265,6 +265,18 @@ def drop_condition(y, kind, num_classes, probability, generator=None):
     return torch.where(drop.view(-1, *[1] * (y.dim() - 1)), null_condition(y, kind, num_classes), y)
 
 
+def guidance_at(sigma, guidance, interval=None):
+    """Guidance in a limited interval (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval Improves
+    Sample and Distribution Quality in Diffusion Models"): w at noise levels sigma in (lo, hi], 1 elsewhere (the
+    conditional model alone, one network evaluation instead of two); interval None: w at every level. sigma is EDM's
+    noise level of x_t, the noise's scale against the data's: sqrt((1 - ab_t) / ab_t) in DDPM, t / (1 - t) in
+    rectified flow (x_t / (1 - t) = x_0 + sigma eps)."""
+    if interval is None:
+        return guidance
+    lo, hi = interval
+    return guidance if lo < sigma <= hi else 1.0
+
+
 def guided(net, x, t, y, guidance):
     """Classifier-free guidance: out = out_u + w (out_c - out_u), out_u with the null condition; w = 1 is the
     conditional prediction alone, w = 0 the unconditional one. Without a condition (y None): net(x, t)."""

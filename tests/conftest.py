@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,3 +73,16 @@ def run_main(monkeypatch, script, *argv):
     except SystemExit as exit_:
         return exit_.code
     return 0
+
+
+class GuidanceSpy(torch.nn.Module):
+    """Stands in for the network: records each evaluation's time and batch (doubled when guided), returns zeros."""
+
+    def __init__(self, net, calls):
+        super().__init__()
+        self.condition, self.num_classes, self.calls = net.condition, net.num_classes, calls
+        self.device_anchor = torch.nn.Parameter(torch.zeros(()))   # samplers find the device from a parameter
+
+    def forward(self, x, t, y=None):
+        self.calls.append((round(float(t[0]), 3), len(x)))
+        return torch.zeros_like(x)

@@ -185,7 +185,12 @@ def test_cli_end_to_end_multi_label_and_layout(exported, tmp_path):
                         "--condition", "layout", "--run-name", "layout", *tiny, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     result = run_script("random_generation.py", "--model", "diffusion", "--labels", exported / "test.json",
-                        "--steps", "4", "--guidance", "2", "--fid", "--fid-features", "evaluator", cwd=tmp_path)
+                        "--steps", "4", "--guidance", "2", "--guidance-interval", "3", "1", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "error: --guidance-interval LO HI needs 0 <= LO < HI, got 3 1" in result.stderr
+    result = run_script("random_generation.py", "--model", "diffusion", "--labels", exported / "test.json",
+                        "--steps", "4", "--guidance", "2", "--guidance-interval", "0.28", "5.42", "--fid",
+                        "--fid-features", "evaluator", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "# no evaluator at models/Evaluator_images_16.pth: training one" in result.stdout
     lines = result.stdout.strip().splitlines()

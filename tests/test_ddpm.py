@@ -12,7 +12,7 @@ import registry
 import samplers
 import train_script
 from common import UserError
-from conftest import make_optimizers, run_script, write_image_folder
+from conftest import GuidanceSpy, make_optimizers, run_script, write_image_folder
 from unet import guided
 
 TINY = dict(width=8, channel_mults=(1, 2), blocks_per_level=1, attention_levels=(1,))
@@ -151,6 +151,18 @@ def test_guidance_zero_is_the_unconditional_prediction_and_one_the_conditional()
         build(num_classes=1).sample(2, labels=torch.zeros(2, dtype=torch.long))
     with pytest.raises(UserError, match="--guidance needs a conditional model"):
         build(num_classes=1).sample(2, guidance=3.0)
+
+
+def test_guidance_interval_is_in_sigma_sqrt_of_one_minus_ab_over_ab():
+    model = build(num_classes=3, timesteps=20).eval()
+    calls = []
+    model.ema = GuidanceSpy(model.ema, calls)
+    sigma = lambda t: math.sqrt((1 - float(model.alphas_bar[t])) / float(model.alphas_bar[t]))
+    assert samplers.spaced(20, 4) == [19, 13, 6, 0, -1]                       # DDIM's 4 evaluations
+    # an interval within 1% of sigma_13 (another noise level, e.g. sqrt(1 - ab) or ab / (1 - ab), falls outside)
+    model.sample(2, labels=torch.tensor([0, 1]), steps=4, guidance=2.0,
+                 guidance_interval=(0.99 * sigma(13), 1.01 * sigma(13)))
+    assert calls == [(19, 2), (13, 4), (6, 2), (0, 2)]
 
 
 @pytest.mark.parametrize("image_shape", [(1, 28, 28), (3, 24, 24), (3, 32, 32), (3, 64, 64)])

@@ -8,8 +8,8 @@ import torch
 import flow_matching
 import samplers
 from common import UserError
-from conftest import make_optimizers
-from unet import guided
+from conftest import GuidanceSpy, make_optimizers
+from unet import guidance_at, guided
 
 TINY = dict(width=8, channel_mults=(1, 2), attention_levels=(1,))
 
@@ -96,6 +96,25 @@ def test_a_tiny_model_overfits_one_batch_and_samples_in_range():
     a = model.sample(2, torch.Generator().manual_seed(1), labels=torch.tensor([1, 1]), guidance=2.0)
     assert torch.equal(a, model.sample(2, torch.Generator().manual_seed(1), labels=torch.tensor([1, 1]),
                                        guidance=2.0))
+
+
+def test_guidance_interval_guides_exactly_the_times_whose_noise_level_is_inside():
+    assert [guidance_at(s, 3.0, (0.28, 5.42)) for s in (0.28, 0.29, 5.42, 5.5, math.inf)] == [1.0, 3.0, 3.0, 1.0, 1.0]
+    assert guidance_at(math.inf, 3.0) == 3.0                   # no interval: every level
+    model = build(num_classes=3).eval()
+    calls = []
+    model.ema = GuidanceSpy(model.ema, calls)
+    # Euler, 4 steps: t = 1, 0.75, 0.5, 0.25, so sigma = t / (1 - t) = inf, 3, 1, 1/3
+    for interval, guided_times in [(None, {1000, 750, 500, 250}), ((0.5, 3), {750, 500}), ((1, 3), {750}),
+                                   ((0, math.inf), {1000, 750, 500, 250}), ((4, 9), set())]:
+        calls.clear()
+        model.sample(2, labels=torch.tensor([0, 1]), sampler="euler", steps=4, guidance=2.0,
+                     guidance_interval=interval)
+        assert calls == [(t, 4 if t in guided_times else 2) for t in (1000, 750, 500, 250)], interval
+    with pytest.raises(UserError, match="pass --guidance W"):
+        build(num_classes=3).sample(1, guidance_interval=(0.28, 5.42))
+    with pytest.raises(UserError, match="0 <= LO < HI, got 5 1"):
+        build(num_classes=3).sample(1, guidance=3.0, guidance_interval=(5.0, 1.0))
 
 
 def test_guidance_and_bad_sampler_options():
