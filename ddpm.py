@@ -208,10 +208,11 @@ class Model(GenerativeModel):
         """denoise(x_t, t) -> (x0_hat, eps_hat, v) for samplers.py: EMA weights in eval mode, guidance w at the
         noise levels sigma = sqrt((1 - ab_t) / ab_t) in `interval` (all without one)."""
         net = self.unet if self.training else self.ema
+        # sigma_t for every step, read once and only for an interval: no host sync per step otherwise
+        sigmas = ((1 - self.alphas_bar) / self.alphas_bar).sqrt().tolist() if interval is not None else None
 
         def denoise(xt, t):
-            ab = self.alphas_bar[t[0]]
-            w = guidance_at(float(((1 - ab) / ab).sqrt()), guidance, interval)
+            w = guidance if sigmas is None else guidance_at(sigmas[int(t[0])], guidance, interval)
             return self.predict(xt, t, guided(net, xt, t, y, w))
         return denoise
 
