@@ -28,11 +28,16 @@ class UNetConfig:
     width: int = option(32, "channels of the U-Net's first level", low=2)
     channel_mults: tuple = option((1, 2, 2), "channels of each U-Net level, as multiples of --width", low=1)
     blocks_per_level: int = option(1, "residual blocks per level on the way down (one more on the way up)", low=1)
-    attention_levels: tuple = option((2,), "levels (0 = full resolution) with self-attention", low=0)
+    attention_levels: tuple = option((2,), "levels (0 = the first: full resolution, 1/p of it with patches) with "
+                                           "self-attention", low=0)
     dropout: float = option(0.0, "dropout in the residual blocks (DDPM used 0.1 on CIFAR-10)", low=0, high=1)
     scale_shift: bool = option(False, "the time and condition embedding scales and shifts each block's normalised "
                                       "features, GroupNorm(h) (1 + s) + b (Dhariwal & Nichol 2021), instead of "
                                       "being added to them")
+    patch_size: int = option(1, "pixels a side of the patches the U-Net works on: x is folded into p x p patches, "
+                                "C p^2 channels at 1/p of the resolution (pixel unshuffle), and its output unfolded "
+                                "(simple diffusion: Hoogeboom et al. 2023, Sec. 3.3): with 2, the first level has 4x "
+                                "fewer positions; docs/results.md measures it", low=1)
     label_attention: bool = option(False, "multi-hot labels: also cross-attention from the features at the attention "
                                           "levels and the middle to a learned token per label the image holds (as "
                                           "text-to-image models: Rombach et al. 2022, Sec. 3.3), so that each place "
@@ -40,11 +45,13 @@ class UNetConfig:
 
 
 def check_size(config, height, width, what="the image"):
-    """Each level but the last halves the resolution, so H and W must divide by 2^(levels - 1)."""
-    factor = 2 ** (len(config.channel_mults) - 1)
+    """The patches divide H and W by p, each level but the last halves them, so H and W must divide by
+    p 2^(levels - 1)."""
+    factor = config.patch_size * 2 ** (len(config.channel_mults) - 1)
     if height % factor or width % factor:
-        raise UserError(f"a U-Net with {len(config.channel_mults)} levels needs {what} size divisible by {factor}, "
-                        f"got {height}x{width}; pass e.g. --image-size 24, or fewer --channel-mults")
+        raise UserError(f"a U-Net with {len(config.channel_mults)} levels and --patch-size {config.patch_size} needs "
+                        f"{what} size divisible by {factor}, got {height}x{width}; pass e.g. --image-size 32, "
+                        f"or fewer --channel-mults")
 
 
 def timestep_embedding(t, freqs):
@@ -147,7 +154,8 @@ class UNet(nn.Module):
         self.label_tokens = (nn.Parameter(torch.randn(num_classes + 1, emb_dim))
                              if config.label_attention else None)
         layout_channels = num_classes + 1 if self.condition == "layout" else 0
-        self.stem = nn.Conv2d(in_channels + layout_channels, width, 3, padding=1)
+        self.patch = config.patch_size
+        self.stem = nn.Conv2d((in_channels + layout_channels) * self.patch ** 2, width, 3, padding=1)
         levels = [width * m for m in config.channel_mults]
         self.down, skips, c = nn.ModuleList(), [width], width
         for i, c_out in enumerate(levels):
@@ -169,7 +177,8 @@ class UNet(nn.Module):
             if i > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                              nn.Conv2d(c, c, 3, padding=1)))
-        self.head = nn.Sequential(group_norm(c), nn.SiLU(), nn.Conv2d(c, out_channels or in_channels, 3, padding=1))
+        self.head = nn.Sequential(group_norm(c), nn.SiLU(),
+                                  nn.Conv2d(c, (out_channels or in_channels) * self.patch ** 2, 3, padding=1))
         nn.init.zeros_(self.head[-1].weight)
 
     def _label_attention(self, channels, emb_dim):
@@ -193,6 +202,7 @@ class UNet(nn.Module):
                 context = (self.label_tokens, present)
         elif self.condition == "layout":
             x = torch.cat([x, layout_channels(y, self.num_classes, x.shape[-2:])], dim=1)   # (B, C + K + 1, H, W)
+        x = F.pixel_unshuffle(x, self.patch)                                     # (B, C p^2, H/p, W/p)
         # channels_last (N, H, W, C in memory): oneDNN's CPU convolutions run faster in this layout
         h = self.stem(x.contiguous(memory_format=torch.channels_last))
         skips = [h]
@@ -205,7 +215,7 @@ class UNet(nn.Module):
                 h = layer(h)                                                     # (B, c, 2H, 2W)
             else:
                 h = self._run(layer, torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.head(h)
+        return F.pixel_shuffle(self.head(h), self.patch)                         # (B, out_channels, H, W)
 
     @staticmethod
     def _run(stage, h, emb, context):

@@ -15,6 +15,7 @@ import scenes
 import segmenter
 from common import UserError
 from conftest import run_script
+import unet
 from unet import LabelAttention, guided, null_condition
 
 TINY = dict(width=8, channel_mults=(1, 2), attention_levels=(1,), timesteps=20)
@@ -182,7 +183,7 @@ def test_cli_end_to_end_multi_label_and_layout(exported, tmp_path):
     assert "error: --label-attention needs multi-hot labels (--condition labels)" in result.stderr
     assert not (tmp_path / "models" / "Best_layout.pth").exists()
     result = run_script("train_script.py", "--model", "diffusion", *files, "--layouts", exported / "layouts",
-                        "--condition", "layout", "--run-name", "layout", *tiny, cwd=tmp_path)
+                        "--condition", "layout", "--patch-size", "2", "--run-name", "layout", *tiny, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     result = run_script("random_generation.py", "--model", "diffusion", "--labels", exported / "test.json",
                         "--steps", "4", "--guidance", "2", "--guidance-interval", "3", "1", cwd=tmp_path)
@@ -231,3 +232,44 @@ def test_label_attention_attends_to_the_present_labels_and_the_null_token_alone(
     changed = tokens.clone()
     changed[[1, 3]] += 1                                                      # labels 1 and 3: absent from both
     assert torch.allclose(attention(x, (changed, present)), out)
+
+
+def fold(x, p):
+    """(B, C, H, W) -> (B, C p^2, H/p, W/p) by hand: pixel (i p + a, j p + b) of channel c to channel c p^2 + a p + b
+    at (i, j)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4).reshape(b, c * p * p, h // p, w // p)
+
+
+def unfold(x, p):
+    b, cpp, h, w = x.shape
+    c = cpp // (p * p)
+    return x.reshape(b, c, p, p, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c, h * p, w * p)
+
+
+def test_patches_are_the_plain_unet_on_the_image_folded_by_hand():
+    """--patch-size 2: the U-Net on 2x2 patches is the plain U-Net with 4x the channels, given the image folded
+    into patches by hand, its output unfolded the same way; the layout is folded with the image."""
+    config = dict(width=8, channel_mults=(1, 2), attention_levels=(1,))
+    torch.manual_seed(0)
+    patched = unet.UNet(unet.UNetConfig(**config, patch_size=2), 3, 3, num_classes=4, condition="labels")
+    nn.init.normal_(patched.head[-1].weight)   # the head starts at zero: give the output something to show
+    plain = unet.UNet(unet.UNetConfig(**config), 12, 12, num_classes=4, condition="labels")
+    plain.load_state_dict(patched.state_dict())
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3.0, 700.0]), torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1]])
+    out = patched(x, t, y)
+    assert out.shape == x.shape and out.abs().mean() > 0.1
+    assert torch.allclose(out, unfold(plain(fold(x, 2), t, y), 2), atol=1e-5)
+    folded = torch.randn(2, 12, 4, 4)
+    assert torch.equal(unfold(fold(x, 2), 2), x) and torch.equal(fold(unfold(folded, 2), 2), folded)
+
+    layout = torch.randint(0, 5, (2, 8, 8))
+    patched = unet.UNet(unet.UNetConfig(**config, patch_size=2), 3, 3, num_classes=4, condition="layout")
+    nn.init.normal_(patched.head[-1].weight)
+    plain = unet.UNet(unet.UNetConfig(**config), 4 * (3 + 5), 12)   # the layout's 5 one-hot channels as input
+    plain.load_state_dict(patched.state_dict())
+    one_hot = nn.functional.one_hot(layout, 5).permute(0, 3, 1, 2).float()
+    expected = unfold(plain(fold(torch.cat([x, one_hot], dim=1), 2), t), 2)
+    assert torch.allclose(patched(x, t, layout), expected, atol=1e-5)
+    with pytest.raises(UserError, match="--patch-size 2 needs the image size divisible by 4, got 6x6"):
+        unet.check_size(unet.UNetConfig(**config, patch_size=2), 6, 6)
