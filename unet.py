@@ -202,7 +202,8 @@ class UNet(nn.Module):
                 context = (self.label_tokens, present)
         elif self.condition == "layout":
             x = torch.cat([x, layout_channels(y, self.num_classes, x.shape[-2:])], dim=1)   # (B, C + K + 1, H, W)
-        x = F.pixel_unshuffle(x, self.patch)                                     # (B, C p^2, H/p, W/p)
+        if self.patch > 1:   # both shuffles copy even at p = 1
+            x = F.pixel_unshuffle(x, self.patch)                                 # (B, C p^2, H/p, W/p)
         # channels_last (N, H, W, C in memory): oneDNN's CPU convolutions run faster in this layout
         h = self.stem(x.contiguous(memory_format=torch.channels_last))
         skips = [h]
@@ -215,7 +216,8 @@ class UNet(nn.Module):
                 h = layer(h)                                                     # (B, c, 2H, 2W)
             else:
                 h = self._run(layer, torch.cat([h, skips.pop()], dim=1), emb, context)
-        return F.pixel_shuffle(self.head(h), self.patch)                         # (B, out_channels, H, W)
+        out = self.head(h)
+        return F.pixel_shuffle(out, self.patch) if self.patch > 1 else out      # (B, out_channels, H, W)
 
     @staticmethod
     def _run(stage, h, emb, context):

@@ -13,9 +13,9 @@ import evaluator
 import flow_matching
 import scenes
 import segmenter
+import unet
 from common import UserError
 from conftest import run_script
-import unet
 from unet import LabelAttention, guided, null_condition
 
 TINY = dict(width=8, channel_mults=(1, 2), attention_levels=(1,), timesteps=20)
