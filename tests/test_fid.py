@@ -102,6 +102,17 @@ def test_kid_is_the_unbiased_mmd_near_zero_for_one_distribution_and_positive_for
     assert abs(same) < 3 * same_std + 1e-3 and shifted > 0.05 and shifted > 20 * abs(same)
 
 
+def test_kid_of_two_sets_no_larger_than_a_subset_is_their_mmd_with_std_0():
+    # each subset would be both whole sets reordered: the value is the whole sets' MMD^2_u whatever num_subsets
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(15, 6)), rng.normal(size=(15, 6)) + 0.3
+    kid, std = fid.kernel_inception_distance(x, y, num_subsets=100, subset_size=1000)
+    assert kid == pytest.approx(unbiased_mmd2(x, y), rel=1e-9) and std == 0
+    # a set larger than the subsets: the subsets differ, and so do their values
+    kid, std = fid.kernel_inception_distance(np.concatenate([x, x + 0.1]), y, num_subsets=10, subset_size=1000)
+    assert std > 0
+
+
 def test_size_warnings():
     with pytest.warns(UserWarning, match="differ in size"):
         fid.warn_about_sizes(100, 90)
