@@ -13,7 +13,7 @@ import samplers
 import train_script
 from common import UserError
 from conftest import GuidanceSpy, make_optimizers, run_script, write_image_folder
-from unet import guided
+from unet import GroupNorm32, attention, guided
 
 TINY = dict(width=8, channel_mults=(1, 2), blocks_per_level=1, attention_levels=(1,))
 
@@ -163,6 +163,43 @@ def test_guidance_interval_is_in_sigma_sqrt_of_one_minus_ab_over_ab():
     model.sample(2, labels=torch.tensor([0, 1]), steps=4, guidance=2.0,
                  guidance_interval=(0.99 * sigma(13), 1.01 * sigma(13)))
     assert calls == [(19, 2), (13, 4), (6, 2), (0, 2)]
+
+
+def test_attention_is_softmax_of_scaled_scores_times_values_by_hand_masked_or_not():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64), \
+        torch.randn(2, 3, 4, dtype=torch.float64)
+    mask = torch.tensor([[True, False, True], [False, False, True]])[:, None, :]   # (2, 1, 3): keys each image sees
+    for m in (None, mask):
+        out = attention(q, k, v, m)
+        for b in range(2):
+            keep = [True] * 3 if m is None else mask[b, 0].tolist()
+            for i in range(5):
+                scores = [float(q[b, i] @ k[b, j]) / 2 for j in range(3)]   # q . k / sqrt(C), C = 4
+                e = [math.exp(score) if keep[j] else 0.0 for j, score in enumerate(scores)]
+                expected = sum(e[j] / sum(e) * v[b, j] for j in range(3))
+                assert torch.allclose(out[b, i], expected, atol=1e-12)
+        # and the fused kernel that other devices use agrees with it
+        assert torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m), atol=1e-12)
+    with torch.autocast("cpu", torch.bfloat16):
+        low = attention(q.float(), k.float(), v.float(), mask)
+    assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), attention(q, k, v, mask).float(), atol=0.05)
+
+
+def test_group_norm_32_is_group_norm_in_float32_cast_back_to_the_input_dtype():
+    torch.manual_seed(0)
+    norm = GroupNorm32(2, 4)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    x = torch.randn(3, 4, 5, 5).to(memory_format=torch.channels_last) * 10 + 3
+    # by hand: each image's group of 2 channels standardised by its own mean and (biased) variance, then affine
+    g = x.reshape(3, 2, 2 * 25)
+    standard = ((g - g.mean(2, keepdim=True)) / (g.var(2, unbiased=False, keepdim=True) + 1e-5).sqrt()).reshape(x.shape)
+    expected = standard * norm.weight[None, :, None, None] + norm.bias[None, :, None, None]
+    assert torch.allclose(norm(x), expected, atol=1e-5)
+    low = x.bfloat16()
+    out = norm(low)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, torch.nn.functional.group_norm(low.float(), 2, norm.weight, norm.bias).bfloat16())
 
 
 @pytest.mark.parametrize("image_shape", [(1, 28, 28), (3, 24, 24), (3, 32, 32), (3, 64, 64)])
