@@ -63,7 +63,7 @@ def timestep_embedding(t, freqs):
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input's dtype, its output cast back (as guided-diffusion's
     GroupNorm32): under bf16 autocast the statistics keep float32's precision, and on the CPU the bf16 kernels for
-    channels_last tensors are 2.5 to 4 times slower than float32's (benchmarks/README.md)."""
+    channels_last tensors are 3 to 4 times slower than float32's (benchmarks/README.md)."""
 
     def forward(self, x):
         return super().forward(x.float()).to(x.dtype)
@@ -78,7 +78,7 @@ def group_norm(channels):
 def attention(q, k, v, mask=None):
     """softmax(q k^T / sqrt(C)) v over the last two dims, `mask` (True: attend) broadcast over the scores.
     (B, L, C), (B, M, C), (B, M, C) -> (B, L, C). On the CPU as three explicit ops, the softmax in float32: at these
-    sizes 2 to 3.5 times faster in bf16 than PyTorch's fused CPU kernels (benchmarks/README.md); elsewhere the
+    sizes 1.4 to 4.8 times faster in bf16 than PyTorch's fused CPU kernels (benchmarks/README.md); elsewhere the
     fused kernel (flash attention on a GPU), which never stores the L x M scores."""
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
