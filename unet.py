@@ -82,7 +82,7 @@ def attention(q, k, v, mask=None):
     fused kernel (flash attention on a GPU), which never stores the L x M scores."""
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = q @ k.transpose(1, 2) * q.shape[-1] ** -0.5                          # (B, L, M)
+    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5                        # (B, L, M)
     if mask is not None:
         scores = scores.masked_fill(~mask, -math.inf)
     return scores.float().softmax(dim=-1).to(v.dtype) @ v
