@@ -55,18 +55,17 @@ def scene_labels(rng, held_out=False):
 def draw_scene(rng, labels, image_size, supersample=4):
     """One scene: (image (S, S, 3) uint8, layout (S, S) uint8, boxes [[x0, y0, x1, y1, name], ...] in pixels).
 
-    Objects are placed one by one where they overlap no earlier one (their bounding circles, with a margin);
-    drawn at `supersample` times the size and shrunk, which antialiases the image; the layout is shrunk with
-    nearest, so each pixel keeps one label."""
+    The objects' sizes and places are drawn together, and again until no two of them overlap (their bounding
+    circles, with a margin): a draw fits with a probability well above zero, however many draws before it did
+    not; drawn at `supersample` times the size and shrunk, which antialiases the image; the layout is shrunk
+    with nearest, so each pixel keeps one label."""
     big = image_size * supersample
-    for _ in range(100):   # placements that do not fit are drawn again
+    while True:
         radii = rng.uniform(0.11, 0.19, size=len(labels)) * big
         centres = [rng.uniform(r * 1.15, big - r * 1.15, size=2) for r in radii]
         if all(np.hypot(*(centres[i] - centres[j])) > 1.15 * (radii[i] + radii[j]) + 0.02 * big
                for i in range(len(labels)) for j in range(i)):
             break
-    else:
-        raise RuntimeError("no placement found")   # 1-3 objects of these sizes always fit; not reached
     grey = int(rng.integers(200, 232))
     image = Image.new("RGB", (big, big), tuple(int(v) for v in grey + rng.integers(-6, 7, size=3)))
     layout = Image.new("L", (big, big), 0)

@@ -40,6 +40,18 @@ def test_objects_are_deterministic_and_their_layouts_agree_with_their_labels():
         assert not any(hot[i] and hot[j] for i, j in scenes.HELD_OUT_PAIRS)
 
 
+def test_a_scene_whose_first_hundred_placements_overlap_is_still_drawn():
+    """From this generator state the first 100 draws of three objects' places overlap (draw_scene gave up there,
+    with an error); it now draws on until they fit."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = {"bit_generator": "PCG64", "has_uint32": 1, "uinteger": 2215048775,
+                               "state": {"state": 225815607122217287377912349348520564505,
+                                         "inc": 19681440599402660950022900364292316661}}
+    image, layout, boxes = scenes.draw_scene(rng, [12, 21, 0], 32)
+    assert image.shape == (32, 32, 3) and set(np.unique(layout).tolist()) == {0, 13, 22, 1}
+    assert [box[4] for box in boxes] == [scenes.LABEL_NAMES[i] for i in (12, 21, 0)]
+
+
 def test_test_sets_hold_the_training_combinations_or_the_held_out_ones():
     index = {name: i for i, name in enumerate(scenes.LABEL_NAMES)}
     for held_out in (False, True):
