@@ -85,11 +85,16 @@ def train_command(data, image_size, channels, out, epochs=None):
     return command + (f" --epochs {epochs}" if epochs else "")
 
 
-def label_hits(logits, multi_hot):
-    """For each image asked to hold k labels: how many of them are among the k highest logits. (B,) counts."""
+def top_labels(logits, multi_hot):
+    """(B, K) bool: the labels among the k highest logits of each image, k the labels it was asked to hold."""
     k = multi_hot.sum(1).long()
     ranks = logits.argsort(dim=1, descending=True).argsort(dim=1)     # rank of each label's logit, 0 = highest
-    return ((ranks < k[:, None]) & (multi_hot > 0)).sum(1)
+    return ranks < k[:, None]
+
+
+def label_hits(logits, multi_hot):
+    """For each image asked to hold k labels: how many of them are among the k highest logits. (B,) counts."""
+    return (top_labels(logits, multi_hot) & (multi_hot > 0)).sum(1)
 
 
 @torch.no_grad()

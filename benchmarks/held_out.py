@@ -45,8 +45,7 @@ def found(net, images, asked):
     """(N, K) bool: the asked labels that are among the evaluator's top k (k: the labels asked of each image),
     and (N, K) bool: the labels in the top k that were not asked."""
     logits = torch.cat([net(x) for x, _ in image_data.iterate_batches(images, asked, 256, shuffle=False)])
-    ranks = logits.argsort(dim=1, descending=True).argsort(dim=1)
-    top = ranks < asked.sum(1, keepdim=True)
+    top = evaluator.top_labels(logits, asked)
     return top & (asked > 0), top & (asked == 0)
 
 
@@ -71,7 +70,8 @@ def real(args, net, image_size):
         return
     for held_out in (False, True):
         sets = drawn_sets(args.sets, held_out, args.seed)
-        score = evaluator.accuracy(net, real_scenes(sets, image_size, args.seed), scenes.multi_hot(sets, 24))
+        asked = scenes.multi_hot(sets, len(scenes.LABEL_NAMES))
+        score = evaluator.accuracy(net, real_scenes(sets, image_size, args.seed), asked)
         print(f"{'held-out' if held_out else 'training'} combinations: real scenes of {len(sets)} sets: "
               f"accuracy {score:.3f}")
 
@@ -82,7 +82,7 @@ def samples(args, net):
     options = {"guidance": args.guidance, **({"steps": args.steps} if args.steps else {})}
     for held_out in (False, True):
         sets = drawn_sets(args.sets, held_out, args.seed)
-        asked = scenes.multi_hot(sets, 24)
+        asked = scenes.multi_hot(sets, len(scenes.LABEL_NAMES))
         images = fid.generate(model, len(sets), torch.Generator().manual_seed(args.seed), asked, **options)
         hit, intruders = found(net, images, asked)
         in_pair = torch.zeros_like(hit)
