@@ -18,9 +18,9 @@ named after its paper:
 - the R1 gradient penalty on real images (Mescheder et al. 2018, "Which Training Methods for GANs do
   actually Converge?"), optionally lazy (Karras et al. 2020, "Analyzing and Improving the Image Quality of
   StyleGAN");
-- class conditioning when the data has classes: a label embedding joins z in G (Mirza & Osindero 2014,
-  "Conditional Generative Adversarial Nets") and D is a projection discriminator (Miyato & Koyama 2018,
-  "cGANs with Projection Discriminator");
+- class conditioning when the data has classes (on by default, --no-conditional turns it off): a label
+  embedding joins z in G (Mirza & Osindero 2014, "Conditional Generative Adversarial Nets") and D is a
+  projection discriminator (Miyato & Koyama 2018, "cGANs with Projection Discriminator");
 - one self-attention block in G and in D at a chosen feature-map size (Zhang et al. 2019, "Self-Attention
   Generative Adversarial Networks"; e.g. --attention 12 at 24x24), off by default;
 - LeCam regularisation (Tseng et al. 2021, "Regularizing Generative Adversarial Networks under Limited
@@ -39,8 +39,8 @@ completely for --divergence-steps steps in a row; Best is left as it was.
     python train_script.py --model GAN --data ./flowers > log/train_GAN.out
     python random_generation.py --model GAN             # vis/random_images_GAN.png (EMA generator)
     python random_generation.py --model GAN --fid
-    python train_script.py --model GAN --data ./flowers --conditional --run-name GAN_cond
-    python random_generation.py --model GAN --checkpoint models/Best_GAN_cond.pth --class-label calendula
+    python random_generation.py --model GAN --class-label calendula
+    python train_script.py --model GAN --data ./flowers --no-conditional --run-name GAN_uncond
 """
 import math
 from dataclasses import dataclass
@@ -97,8 +97,10 @@ class Config:
     lecam: float = option(0.0, "LeCam (Tseng et al. 2021): D's loss += lambda (E relu(D(x) - a_F)^2 + E relu(a_R - "
                                "D(G(z)))^2), a_R and a_F the EMAs (decay 0.99) of D's mean logits on real and generated "
                                "images; lambda (LeCam with DiffAugment: 0.3); 0: off", low=0)
-    conditional: bool = option(False, "condition on the class when the data has several: label embedding in G "
-                                      "(Mirza & Osindero 2014), projection D (Miyato & Koyama 2018)")
+    conditional: bool = option(True, "condition on the class when the data has several (a folder of class "
+                                     "folders): label embedding in G (Mirza & Osindero 2014), projection D (Miyato & "
+                                     "Koyama 2018); multi-label and layout data train an unconditional GAN; "
+                                     "docs/results.md measures it")
     attention: int = option(0, "SAGAN (Zhang et al. 2019): one self-attention block in G and in D at this feature-map "
                                "size, after the block that makes it (24x24 images: 6 or 12; 32x32: 8 or 16); 0: off",
                             low=0)
@@ -288,10 +290,7 @@ class Model(GenerativeModel):
         if config.d_lr_scale <= 0:
             raise UserError(f"--d-lr-scale must be above 0, got {config.d_lr_scale}; 1 trains D at --lr, as G")
         self.lr_scales = {"discriminator": config.d_lr_scale}
-        if config.conditional and condition != "class":
-            raise UserError(f"the GAN conditions on one class per image, not on {condition}; drop --conditional, "
-                            "or pass --condition class")
-        self.num_classes = num_classes if config.conditional and num_classes > 1 else 0
+        self.num_classes = num_classes if config.conditional and condition == "class" and num_classes > 1 else 0
         self.condition = "class" if self.num_classes else None
         # channels_last (N, H, W, C in memory): the layout oneDNN's CPU convolutions run fastest in
         self.generator = Generator(config, channels, height, self.num_classes).to(memory_format=torch.channels_last)
@@ -411,7 +410,7 @@ class Model(GenerativeModel):
     def sample(self, n, generator=None, labels=None):
         """n images in [0, 1]: (G_ema(z, y) + 1) / 2, z ~ N(0, I); y = labels, else class i mod K for image i."""
         if labels is not None and not self.conditional:
-            raise UserError("this GAN is unconditional (trained without --conditional, or on one class); "
+            raise UserError("this GAN is unconditional (trained with --no-conditional, or on one class); "
                             "drop --class-label")
         z = self.noise(n, generator)
         y = None

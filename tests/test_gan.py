@@ -149,7 +149,10 @@ def test_conditional_generator_honours_labels():
         for p in model.ema.parameters():
             p.normal_(0, 0.5)
     assert model.conditional and not build((3, 24, 24), 1, conditional=True).conditional
-    assert not build((3, 24, 24), 3).conditional   # conditioning is opt-in
+    assert build((3, 24, 24), 3).conditional and not build((3, 24, 24), 3, conditional=False).conditional   # default on
+    # one class per image only: multi-label and layout data give an unconditional GAN
+    for kind in ("labels", "layout"):
+        assert not gan.Model(gan.Config(**TINY), (3, 24, 24), 24, kind).conditional
     labels = torch.tensor([2, 0, 1, 2])
     a = model.sample(4, torch.Generator().manual_seed(0), labels=labels)
     b = model.sample(4, torch.Generator().manual_seed(0), labels=torch.tensor([0, 0, 1, 1]))
@@ -210,7 +213,7 @@ def test_a_diverged_run_exits_non_zero_and_keeps_best(tmp_path, monkeypatch, cap
 
 def test_cli_end_to_end_on_the_bundled_data(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))   # no Inception weights: the default metric is FD_eval
-    tiny = ["--image-size", "12", "--epochs", "2", "--batch-size", "128", "--ngf", "8", "--ndf", "8", "--conditional"]
+    tiny = ["--image-size", "12", "--epochs", "2", "--batch-size", "128", "--ngf", "8", "--ndf", "8"]   # conditional by default
     result = run_script("train_script.py", "--model", "GAN", *tiny, cwd=tmp_path)   # no evaluator yet: made first
     assert result.returncode == 0, result.stderr
     assert ("# no evaluator at models/Evaluator_shapes_12.pth: training one (python fid.py train-evaluator "
