@@ -410,8 +410,8 @@ class Model(GenerativeModel):
     def sample(self, n, generator=None, labels=None):
         """n images in [0, 1]: (G_ema(z, y) + 1) / 2, z ~ N(0, I); y = labels, else class i mod K for image i."""
         if labels is not None and not self.conditional:
-            raise UserError("this GAN is unconditional (trained with --no-conditional, or on one class); "
-                            "drop --class-label")
+            raise UserError("this GAN is unconditional (trained with --no-conditional, on one class, or on "
+                            "multi-label or layout data); drop --class-label")
         z = self.noise(n, generator)
         y = None
         if self.conditional:
