@@ -98,18 +98,20 @@ def label_hits(logits, multi_hot):
 
 
 @torch.no_grad()
+def logits(net, images, batch_size=256):
+    """The evaluator's logits for uint8 images (N, C, S, S), in batches: (N, classes or labels)."""
+    net.eval()
+    return torch.cat([net(image_data.to_float(images[i:i + batch_size]))
+                      for i in range(0, len(images), batch_size)])
+
+
 def accuracy(net, images, targets, batch_size=256):
     """Class accuracy for class indices (N,); for multi-hot labels (N, K), the hits of `label_hits` over all
     images divided by the labels asked for (the iCLEVR evaluator's accuracy)."""
-    net.eval()
-    hits, total = 0, 0
-    for x, y in image_data.iterate_batches(images, targets, batch_size, shuffle=False):
-        logits = net(x)
-        if y.dim() == 1:
-            hits, total = hits + int((logits.argmax(1) == y).sum()), total + len(y)
-        else:
-            hits, total = hits + int(label_hits(logits, y).sum()), total + int(y.sum())
-    return hits / total
+    scores = logits(net, images, batch_size)
+    if targets.dim() == 1:
+        return int((scores.argmax(1) == targets).sum()) / len(targets)
+    return int(label_hits(scores, targets).sum()) / int(targets.sum())
 
 
 def chance_accuracy(data):

@@ -24,7 +24,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluator  # noqa: E402
 import fid  # noqa: E402
-import image_data  # noqa: E402
 import scenes  # noqa: E402
 from registry import load_model  # noqa: E402
 
@@ -40,12 +39,10 @@ def real_scenes(sets, image_size, seed):
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()                 # (N, 3, S, S) uint8
 
 
-@torch.no_grad()
 def found(net, images, asked):
     """(N, K) bool: the asked labels that are among the evaluator's top k (k: the labels asked of each image),
     and (N, K) bool: the labels in the top k that were not asked."""
-    logits = torch.cat([net(x) for x, _ in image_data.iterate_batches(images, asked, 256, shuffle=False)])
-    top = evaluator.top_labels(logits, asked)
+    top = evaluator.top_labels(evaluator.logits(net, images), asked)
     return top & (asked > 0), top & (asked == 0)
 
 
