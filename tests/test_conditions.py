@@ -171,6 +171,14 @@ def test_iclevr_accuracy_on_hand_made_predictions():
 
     assert evaluator.accuracy(Fixed(), torch.zeros(3, 1, 2, 2, dtype=torch.uint8), asked) == pytest.approx(3 / 5)
 
+    # The same logits written into the images' pixels, read back in batches of every size.
+    images = (logits * 20).to(torch.uint8)[:, :, None, None]                      # (3, 4, 1, 1)
+    read = torch.nn.Flatten()
+    for batch_size in (1, 2, 256):
+        assert torch.allclose(evaluator.logits(read, images, batch_size), logits * 20 / 255)
+        assert evaluator.accuracy(read, images, asked, batch_size) == pytest.approx(3 / 5)
+        assert evaluator.accuracy(read, images, torch.tensor([0, 2, 3]), batch_size) == pytest.approx(2 / 3)
+
 
 def test_mean_iou_by_hand():
     true = torch.tensor([[0, 0, 1, 1], [0, 2, 2, 2]])
