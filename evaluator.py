@@ -101,8 +101,7 @@ def label_hits(logits, multi_hot):
 def logits(net, images, batch_size=256):
     """The evaluator's logits for uint8 images (N, C, S, S), in batches: (N, classes or labels)."""
     net.eval()
-    return torch.cat([net(image_data.to_float(images[i:i + batch_size]))
-                      for i in range(0, len(images), batch_size)])
+    return image_data.in_batches(net, images, batch_size)
 
 
 def accuracy(net, images, targets, batch_size=256):

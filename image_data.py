@@ -327,6 +327,12 @@ def to_float(images):
     return images.float().div_(255)
 
 
+def in_batches(fn, images, batch_size=256):
+    """fn applied to uint8 images (N, C, H, W) as floats in [0, 1], batch_size at a time; its outputs joined along
+    the first dimension."""
+    return torch.cat([fn(to_float(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+
+
 def iterate_batches(images, labels, batch_size, generator=None, flip=False, shuffle=True, rank=0, world=1):
     """Batches (float images in [0, 1], labels) straight from in-memory tensors.
 

@@ -58,8 +58,8 @@ def segmenter_path(data, image_size, models_dir="models"):
 def read_layouts(net, images, batch_size=256):
     """uint8 images (N, C, H, W) -> the layouts the network reads, (N, H, W) long."""
     net.eval()
-    return torch.cat([net(image_data.to_float(images[i:i + batch_size])).argmax(1)
-                      for i in range(0, len(images), batch_size)])
+    # argmax inside each batch: one batch's (B, K + 1, H, W) logits held at a time, not all N
+    return image_data.in_batches(lambda x: net(x).argmax(1), images, batch_size)
 
 
 def mean_iou(predicted, true, num_labels):
