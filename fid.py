@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 import common
 import image_data
+import swd
 from common import UserError
 # the network and the evaluator moved to their own files; their names stay reachable as fid.<name>
 from evaluator import (Evaluator, Training, accuracy, chance_problem, evaluator_path, load_evaluator,  # noqa: F401
@@ -239,13 +240,17 @@ class SampleQuality:
     Calling it generates `n_samples` images, for a conditional model with the real images' conditions (drawn in
     their proportions), from a generator seeded by `seed`, so successive calls differ only by the weights.
     With the evaluator, `accuracy_eval` is the accuracy of conditional samples (the class, or the labels of
-    multi-hot conditions); with a `segmenter`, layout-conditional samples get `miou_eval`, the mean IoU of the
-    layouts read off them, and `miou_real`, the same for the real images (the ceiling).
+    multi-hot conditions); with `sliced_wasserstein`, `SWD` (swd.py: class-free, needs no network); with a
+    `segmenter`, layout-conditional samples get `miou_eval`, the mean IoU of the layouts read off them, and
+    `miou_real`, the same for the real images (the ceiling).
     """
 
     def __init__(self, extractors, real_images, real_labels, n_samples=None, seed=0, sample_kwargs=None,
-                 segmenter=None):
+                 segmenter=None, sliced_wasserstein=False):
         self.extractors, self.real_labels, self.seed, self.segmenter = extractors, real_labels, seed, segmenter
+        self.real_images = real_images if sliced_wasserstein else None
+        if sliced_wasserstein:
+            swd.require_size(real_images.shape)
         self.n_samples = n_samples or len(real_images)
         require_two(len(real_images), "the real image set (the validation split)")   # before any features
         require_two(self.n_samples, "the generated set (--fid-samples)")
@@ -270,6 +275,9 @@ class SampleQuality:
         if model.condition == "layout" and self.segmenter is not None:
             metrics["miou_eval"] = mean_iou(read_layouts(self.segmenter, fake), labels, self.segmenter.num_labels)
             metrics["miou_real"] = self.miou_real
+        if self.real_images is not None:   # SWD pairs equal sets: the first min(N, M) of each
+            n = min(len(fake), len(self.real_images))
+            metrics["SWD"] = swd.swd(self.real_images[:n], fake[:n], self.seed)["SWD"]
         model.train(was_training)
         return metrics
 
@@ -287,13 +295,15 @@ def feature_distances(extractor, fake_features, real_features):
 def sample_quality(args, data_name, image_size, dataset, real_images, real_labels, condition, device="cpu",
                    models_dir="models", for_selection=False, n_samples=None, seed=0, sample_kwargs=None):
     """SampleQuality with --fid-features' extractors (a missing evaluator trained first) and, for a
-    layout-conditional model, the layout evaluator (likewise); `sample_kwargs` go to the model's sample()."""
+    layout-conditional model, the layout evaluator (likewise), and SWD with --swd; `sample_kwargs` go to the
+    model's sample()."""
     extractors = extractors_from_args(args, data_name, image_size, device, models_dir, dataset, for_selection)
     segmenter = None
     if condition == "layout":
         segmenter = segmenter_on_first_need(segmenter_path(data_name, image_size, models_dir), data_name, image_size,
                                             dataset, device)
-    return SampleQuality(extractors, real_images, real_labels, n_samples, seed, sample_kwargs, segmenter)
+    return SampleQuality(extractors, real_images, real_labels, n_samples, seed, sample_kwargs, segmenter,
+                         getattr(args, "swd", False))
 
 
 def format_metrics(metrics):
@@ -319,6 +329,9 @@ def add_metric_flags(parser):
     parser.add_argument("--evaluator", default=None,
                         help="evaluator checkpoint (default: models/Evaluator_<data>_<size>.pth, trained there with "
                              "`fid.py train-evaluator`'s defaults the first time it is needed)")
+    parser.add_argument("--swd", action="store_true",
+                        help="also the sliced Wasserstein distance of Laplacian-pyramid patches (SWD, swd.py): "
+                             "needs no network, knows no classes, so it still ranks samples past FD_eval's floor")
 
 
 def resolve_features(kinds, inception_weights_file=None):

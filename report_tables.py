@@ -15,6 +15,7 @@ import config_file
 import fid
 import image_data
 import random_generation
+import swd
 from common import UserError
 from registry import checkpoint_data, load_model
 
@@ -163,8 +164,8 @@ def training_minutes(history, metric, cost=None):
 
 
 def marks_table(runs, marks, unit="min"):
-    """Markdown rows: per run, the last measurement of its FID or FD_eval at or before each mark (with KID and D's
-    mean output on training against validation images where logged), and its best. Marks are minutes of training CPU
+    """Markdown rows: per run, the last measurement of its FID or FD_eval at or before each mark (with KID, SWD and
+    D's mean output on training against validation images where logged), and its best. Marks are minutes of training CPU
     time (unit "min"; the measurements' own cost left out) or epochs (unit "epoch"). A measurement before its mark
     (by over a minute, or an epoch) says when it was; a run that ended before 80% of a mark has no cell there."""
     rows = ["| run | " + " | ".join(f"{m:g} {unit}" for m in marks) + " | best (epoch) |",
@@ -188,6 +189,7 @@ def marks_table(runs, marks, unit="min"):
             at, r = before[-1]
             kid = metric.replace("FID", "KID").replace("FD_eval", "KID_eval")
             cells.append(f"{r[metric]:.3g}" + (f" / {r[kid]:.2g}" if r.get(kid) is not None else "")
+                         + (f"; SWD {r['SWD']:.3g}" if r.get("SWD") is not None else "")
                          + (f"; D {r['train_D_x']:.2f} vs {r['val_D_x']:.2f}" if "train_D_x" in r else "")
                          + (f" (at {at:.1f})" if unit == "min" and mark - at > 1 else "")
                          + (f" (at {at})" if unit != "min" and at < mark else ""))
@@ -299,7 +301,8 @@ def quality_table(specs, args, device):
 def evaluators_table(paths):
     """Markdown rows: per file of `fid.py train-evaluator` or `train-segmenter`, its data, size and validation score as
     saved, and for a feature evaluator the floor of FD_eval on its data: the first N training images against the N
-    validation images of its split (FD_eval / KID_eval; real data against real data at the N of the metrics)."""
+    validation images of its split (FD_eval / KID_eval, and SWD; real data against real data at the N of the
+    metrics)."""
     rows = ["| evaluator | data | size | validation score | training against validation images (N) |",
             "|---|---|---|---|---|"]
     for path in paths:
@@ -316,8 +319,10 @@ def evaluators_table(paths):
         train_idx, val_idx = image_data.split_indices(len(data.images), saved["seed"])
         real, train = (extractor(data.images[idx], cache=False) for idx in (val_idx, train_idx[:len(val_idx)]))
         floor = fid.feature_distances(extractor, train, real)
+        floor_swd = swd.swd(data.images[val_idx], data.images[train_idx[:len(val_idx)]])["SWD"]
         score = "Lab6 accuracy" if saved.get("task") == "labels" else "accuracy"
         rows.append(f"| {Path(path).name} | {saved['data']} | {size} | {score} {saved['val_accuracy']:.3f} | "
-                    f"FD_eval {floor['FD_eval']:.3f} / KID_eval {floor['KID_eval']:.3f} ({len(val_idx)}) |")
+                    f"FD_eval {floor['FD_eval']:.3f} / KID_eval {floor['KID_eval']:.3f}; SWD {floor_swd:.3g} "
+                    f"({len(val_idx)}) |")
     return rows
 

@@ -1,7 +1,7 @@
 """Sample quality against training CPU time, from the history of train_script.py runs (docs/results.md, "GAN on
 small data").
 
-    flock /tmp/genlab_cpu.lock python benchmarks/gan_small_data.py metric-cost models/Last_GAN.pth --evaluator E
+    flock /tmp/genlab_cpu.lock python benchmarks/gan_small_data.py metric-cost models/Last_GAN.pth --evaluator E [--swd]
     python benchmarks/gan_small_data.py curves models/Last_GAN.pth:1.2 models/Last_diffusion.pth:300 --out fd.png
 
 `metric-cost`: CPU seconds (user + system, all threads) of one sample-quality measurement as `--fid-every` makes
@@ -32,7 +32,7 @@ def metric_cost(args):
     images, _, val_idx = registry.checkpoint_data(ckpt)
     extractor = fid.make_extractor("evaluator", None, args.evaluator, "cpu")
     quality = fid.SampleQuality([extractor], images.images[val_idx], images.labels[val_idx],
-                                seed=ckpt["train_args"]["seed"])
+                                seed=ckpt["train_args"]["seed"], sliced_wasserstein=args.swd)
     costs = []
     for _ in range(args.repeat):
         started = time.process_time()
@@ -83,6 +83,7 @@ def main(argv=None):
     p.add_argument("checkpoint")
     p.add_argument("--evaluator", required=True, help="the evaluator the run measured with")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--swd", action="store_true", help="with SWD, as train_script.py --swd measures")
     p = sub.add_parser("curves", help="metrics at CPU-time marks, and the plot")
     p.add_argument("runs", nargs="+", help="PATH or PATH:COST, COST the CPU seconds of one measurement "
                    "(metric-cost); without it, estimated from the run's epochs")

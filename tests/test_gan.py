@@ -223,11 +223,12 @@ def test_cli_end_to_end_on_the_bundled_data(tmp_path, monkeypatch):
     assert "FD_eval" not in epochs[0] and "FD_eval" in epochs[1] and epochs[1].endswith("*best*")   # every 2 epochs
     assert (tmp_path / "models" / "Best_GAN.pth").is_file()
     result = run_script("random_generation.py", "--model", "GAN", "--n", "9", "--class-label", "red_circle",
-                        "--fid", cwd=tmp_path)
+                        "--fid", "--swd", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "vis" / "random_images_GAN.png").is_file()
     last = result.stdout.strip().splitlines()[-2]   # the last is the memorisation check; measured as in training: FD_eval, with the class accuracy
-    assert last.startswith("FD_eval ") and "accuracy_eval" in last and "600 samples vs the 600" in last
+    assert last.startswith("FD_eval ") and "accuracy_eval" in last and " SWD " in last
+    assert "600 samples vs the 600" in last
 
 
 # -- DiffAugment (diffaugment.py) ------------------------------------------------------------------------------

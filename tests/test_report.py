@@ -12,6 +12,7 @@ import image_data
 import registry
 import report
 import report_tables
+import swd
 import train_script
 from conftest import run_script
 from test_memorisation import brute_force_nearest
@@ -166,7 +167,8 @@ def test_evaluators_table(runs, tmp_path, capsys):
     real, train = (extractor(data.images[i], cache=False) for i in (val_idx, train_idx[:len(val_idx)]))
     floor = fid.frechet_distance(*fid.statistics(train), *fid.statistics(real))
     assert row.startswith(f"| {path.name} | shapes | 8 | accuracy {saved['val_accuracy']:.3f} | FD_eval {floor:.3f} / ")
-    assert row.endswith(f"({len(val_idx)}) |")
+    floor_swd = swd.swd(data.images[val_idx], data.images[train_idx[:len(val_idx)]])["SWD"]
+    assert row.endswith(f"; SWD {floor_swd:.3g} ({len(val_idx)}) |")
     not_an_evaluator = run_script("report.py", "--evaluators", "models/Last_A.pth", cwd=runs)
     assert not_an_evaluator.returncode == 2 and "is not a file of `fid.py train-evaluator`" in not_an_evaluator.stderr
 
@@ -195,10 +197,10 @@ def test_quality_of_an_autoencoder_stage_is_that_of_its_reconstructions(runs, mo
 def test_marks_table_by_hand():
     history = [dict(epoch=1, cpu_seconds=60.0), dict(epoch=2, cpu_seconds=90.0, FD_eval=5.0, KID_eval=0.5,
                                                      train_D_x=0.7, val_D_x=0.6),
-               dict(epoch=3, cpu_seconds=60.0), dict(epoch=4, cpu_seconds=90.0, FD_eval=3.0, KID_eval=0.3)]
+               dict(epoch=3, cpu_seconds=60.0), dict(epoch=4, cpu_seconds=90.0, FD_eval=3.0, KID_eval=0.3, SWD=12.5)]
     run = report_tables.Run("G", None, None, dict(history=history))
     # measurements at 2 and 4 training minutes (each cost 30 s); at 6 minutes the run had ended (4 < 0.8 x 6)
     assert report_tables.marks_table([run], [2, 3, 4, 6], "min")[2] == \
-        "| G | 5 / 0.5; D 0.70 vs 0.60 | 5 / 0.5; D 0.70 vs 0.60 | 3 / 0.3 | - | FD_eval 3 (4) |"
+        "| G | 5 / 0.5; D 0.70 vs 0.60 | 5 / 0.5; D 0.70 vs 0.60 | 3 / 0.3; SWD 12.5 | - | FD_eval 3 (4) |"
     assert report_tables.marks_table([run], [2, 3], "epoch")[2] == \
         "| G | 5 / 0.5; D 0.70 vs 0.60 | 5 / 0.5; D 0.70 vs 0.60 (at 2) | FD_eval 3 (4) |"

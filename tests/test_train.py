@@ -56,7 +56,7 @@ def test_resume_is_exact_when_sample_quality_is_measured(tmp_path, tiny_data, ti
     """Building the evaluator draws random numbers (its layers' initial weights); the resumed run restores the saved
     random state after that, so it goes on drawing what the straight run drew (GAN: z and the augmentations)."""
     flags = ["--model", "GAN", "--ngf", "4", "--ndf", "4", "--fid-every", "1", "--fid-features", "evaluator",
-             "--evaluator", tiny_evaluator, "--fid-samples", "8"]
+             "--evaluator", tiny_evaluator, "--fid-samples", "8", "--swd"]
     straight, _ = train(tmp_path / "a", tiny_data, *flags, "--epochs", "3")
     train(tmp_path / "b", tiny_data, *flags, "--epochs", "1")
     resumed, _ = train(tmp_path / "b", tiny_data, "--model", "GAN", "--epochs", "3", "--resume")
@@ -65,6 +65,8 @@ def test_resume_is_exact_when_sample_quality_is_measured(tmp_path, tiny_data, ti
     histories = [torch.load(tmp_path / run / "models" / "Last_GAN.pth", weights_only=True)["history"]
                  for run in ("a", "b")]
     assert [h["FD_eval"] for h in histories[0]] == [h["FD_eval"] for h in histories[1]]
+    assert [h["SWD"] for h in histories[0]] == [h["SWD"] for h in histories[1]]   # --swd came back from Last
+    assert all(h["SWD"] > 0 for h in histories[0])
 
 
 def test_measuring_sample_quality_leaves_the_training_as_it_is(tmp_path, tiny_data, tiny_evaluator):
@@ -73,7 +75,7 @@ def test_measuring_sample_quality_leaves_the_training_as_it_is(tmp_path, tiny_da
     flags = ["--model", "GAN", "--ngf", "4", "--ndf", "4", "--epochs", "2"]
     unmeasured, _ = train(tmp_path / "a", tiny_data, *flags, "--fid-every", "0")
     measured, _ = train(tmp_path / "b", tiny_data, *flags, "--fid-every", "1", "--fid-features", "evaluator",
-                        "--evaluator", tiny_evaluator, "--fid-samples", "8")
+                        "--evaluator", tiny_evaluator, "--fid-samples", "8", "--swd")
     for (key, a), b in zip(unmeasured.state_dict().items(), measured.state_dict().values()):
         assert torch.equal(a, b), key
 
