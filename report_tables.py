@@ -317,9 +317,10 @@ def evaluators_table(paths):
         extractor = fid.make_extractor("evaluator", evaluator_file=path)
         data = image_data.load_data(saved["data"], size, channels)
         train_idx, val_idx = image_data.split_indices(len(data.images), saved["seed"])
-        real, train = (extractor(data.images[idx], cache=False) for idx in (val_idx, train_idx[:len(val_idx)]))
+        val_images, train_images = data.images[val_idx], data.images[train_idx[:len(val_idx)]]
+        real, train = (extractor(images, cache=False) for images in (val_images, train_images))
         floor = fid.feature_distances(extractor, train, real)
-        floor_swd = swd.swd(data.images[val_idx], data.images[train_idx[:len(val_idx)]])["SWD"]
+        floor_swd = swd.swd(val_images, train_images)["SWD"]
         score = "Lab6 accuracy" if saved.get("task") == "labels" else "accuracy"
         rows.append(f"| {Path(path).name} | {saved['data']} | {size} | {score} {saved['val_accuracy']:.3f} | "
                     f"FD_eval {floor['FD_eval']:.3f} / KID_eval {floor['KID_eval']:.3f}; SWD {floor_swd:.3g} "
