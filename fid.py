@@ -248,12 +248,15 @@ class SampleQuality:
     def __init__(self, extractors, real_images, real_labels, n_samples=None, seed=0, sample_kwargs=None,
                  segmenter=None, sliced_wasserstein=False):
         self.extractors, self.real_labels, self.seed, self.segmenter = extractors, real_labels, seed, segmenter
-        self.real_images = real_images if sliced_wasserstein else None
         if sliced_wasserstein:
             swd.require_size(real_images.shape)
         self.n_samples = n_samples or len(real_images)
         require_two(len(real_images), "the real image set (the validation split)")   # before any features
         require_two(self.n_samples, "the generated set (--fid-samples)")
+        # SWD pairs equal sets: the first min(N, M) of each; the real side computed once
+        self.swd_pairs = min(self.n_samples, len(real_images))
+        self.sliced_wasserstein = (swd.SlicedWasserstein(real_images[:self.swd_pairs], seed) if sliced_wasserstein
+                                   else None)
         self.sample_kwargs = sample_kwargs or {}
         self.real = [(e, e(real_images, desc=f"{e.kind} features of real images")) for e in extractors]
         self.metric = extractors[0].names[0]   # what Best is chosen on when the model selects by it
@@ -275,9 +278,8 @@ class SampleQuality:
         if model.condition == "layout" and self.segmenter is not None:
             metrics["miou_eval"] = mean_iou(read_layouts(self.segmenter, fake), labels, self.segmenter.num_labels)
             metrics["miou_real"] = self.miou_real
-        if self.real_images is not None:   # SWD pairs equal sets: the first min(N, M) of each
-            n = min(len(fake), len(self.real_images))
-            metrics["SWD"] = swd.swd(self.real_images[:n], fake[:n], self.seed)["SWD"]
+        if self.sliced_wasserstein is not None:
+            metrics["SWD"] = self.sliced_wasserstein(fake[:self.swd_pairs])["SWD"]
         model.train(was_training)
         return metrics
 

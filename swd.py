@@ -76,15 +76,23 @@ def require_size(shape):
                                "or drop --swd")
 
 
-def patches(level, per_image, generator):
-    """`per_image` random PATCH x PATCH neighbourhoods of each image, wholly inside it: (B, C, H, W) ->
-    (B per_image, C, PATCH, PATCH)."""
-    require_size(level.shape)
-    b, c, h, w = level.shape
+def corners(shape, per_image, generator):
+    """The centres (ys, xs) of `per_image` random PATCH x PATCH neighbourhoods of each image of `shape` (B, C, H, W),
+    wholly inside it: (B, per_image, 1, 1, 1) each."""
+    require_size(shape)
+    b, _, h, w = shape
     r = PATCH // 2
     ys = torch.randint(r, h - r, (b, per_image, 1, 1, 1), generator=generator)
     xs = torch.randint(r, w - r, (b, per_image, 1, 1, 1), generator=generator)
-    offsets = torch.arange(-r, r + 1)
+    return ys, xs
+
+
+def patches(level, per_image, generator):
+    """`per_image` random PATCH x PATCH neighbourhoods of each image, wholly inside it: (B, C, H, W) ->
+    (B per_image, C, PATCH, PATCH)."""
+    ys, xs = corners(level.shape, per_image, generator)
+    b, c = level.shape[:2]
+    offsets = torch.arange(-(PATCH // 2), PATCH // 2 + 1)
     image = torch.arange(b)[:, None, None, None, None]
     channel = torch.arange(c)[None, None, :, None, None]
     found = level[image, channel, ys + offsets[:, None], xs + offsets]       # (B, per_image, C, PATCH, PATCH)
@@ -98,35 +106,64 @@ def descriptors(level, per_image, generator):
     return ((found - found.mean(dim=(0, 2, 3), keepdim=True)) / spread).flatten(1)
 
 
-def sliced_wasserstein(a, b, generator, repeats=REPEATS, directions=DIRECTIONS):
-    """Mean over random unit directions d of W1(a d, b d) for two (N, D) sets of equal N: per direction, the
-    sorted projections paired in order, mean |difference| (W1 of two equal-size empirical distributions)."""
-    if a.shape != b.shape:
-        raise ValueError(f"sliced_wasserstein takes two sets of the same shape, not {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
-    distances = []
-    for _ in range(repeats):
-        dirs = torch.randn(a.shape[1], directions, generator=generator, dtype=a.dtype)
-        dirs = dirs / dirs.norm(dim=0, keepdim=True)                          # (D, directions), unit columns
-        # (N, directions) each; numpy's sort, several times faster than torch's on the CPU
-        projected_a, projected_b = (np.sort((x @ dirs).numpy(), axis=0) for x in (a, b))
-        distances.append(np.abs(projected_a - projected_b).mean())
-    return float(np.mean(distances))
+class SortedProjections:
+    """A set a of (N, D) points projected on `repeats` x `directions` random unit directions and sorted, to compare
+    other sets b of the same shape with: distance(b) = mean over the directions d of W1(<a, d>, <b, d>), the
+    Wasserstein-1 distance of two equal-size empirical distributions (the sorted values paired in order, mean
+    |difference|). a's side is computed once, for any number of b."""
+
+    def __init__(self, a, generator, repeats=REPEATS, directions=DIRECTIONS):
+        self.shape = a.shape
+        self.directions = []
+        for _ in range(repeats):
+            dirs = torch.randn(a.shape[1], directions, generator=generator, dtype=a.dtype)
+            self.directions.append(dirs / dirs.norm(dim=0, keepdim=True))   # (D, directions), unit columns
+        self.sorted = [self.project(a, dirs) for dirs in self.directions]
+
+    @staticmethod
+    def project(x, dirs):
+        return np.sort((x @ dirs).numpy(), axis=0)   # (N, directions); numpy's sort, several times torch's on the CPU
+
+    def distance(self, b):
+        if b.shape != self.shape:
+            raise ValueError(f"SortedProjections compares sets of the same shape, not {tuple(self.shape)} and "
+                             f"{tuple(b.shape)}")
+        return float(np.mean([np.abs(a - self.project(b, dirs)).mean()
+                              for a, dirs in zip(self.sorted, self.directions)]))
+
+
+class SlicedWasserstein:
+    """SWD x 1e3 of image sets against one real set (N, C, H, W), uint8 or float: calling it with a set of the same
+    shape gives {"SWD_<res>": per level, ..., "SWD": their mean}. The real set's pyramid, descriptors and sorted
+    projections are computed once (N 32 x 512 float64 values a level: 68 MB for 518 images), and each call draws
+    what `swd` would draw, so every call equals `swd(real, fake, seed)`."""
+
+    def __init__(self, real, seed=0):
+        self.shape = tuple(real.shape)
+        self.resolutions = resolutions(real.shape[-1])
+        generator = torch.Generator().manual_seed(seed)
+        self.levels = []   # per level: the generator's state for the other set's neighbourhoods, the real side
+        for level in laplacian_pyramid(real, len(self.resolutions)):
+            real_descriptors = descriptors(level, PATCHES_PER_IMAGE, generator)
+            state = generator.get_state()
+            corners(level.shape, PATCHES_PER_IMAGE, generator)   # the other set's draws come here, as in swd()
+            self.levels.append((state, SortedProjections(real_descriptors, generator)))
+
+    def __call__(self, fake):
+        if tuple(fake.shape) != self.shape:
+            raise common.UserError(f"SWD compares sets of the same shape, not {self.shape} and {tuple(fake.shape)}")
+        result = {}
+        for res, level, (state, real_side) in zip(self.resolutions, laplacian_pyramid(fake, len(self.resolutions)),
+                                                  self.levels):
+            generator = torch.Generator()
+            generator.set_state(state)
+            result[f"SWD_{res}"] = 1e3 * real_side.distance(descriptors(level, PATCHES_PER_IMAGE, generator))
+        result["SWD"] = sum(result.values()) / len(self.levels)
+        return result
 
 
 def swd(real, fake, seed=0):
     """SWD x 1e3 between two uint8 (or float) image sets (N, C, H, W) of equal N: {"SWD_<res>": per level, ...,
-    "SWD": their mean}. Deterministic in `seed`."""
-    if real.shape != fake.shape:
-        raise common.UserError(f"SWD compares sets of the same shape, not {tuple(real.shape)} and "
-                               f"{tuple(fake.shape)}")
-    generator = torch.Generator().manual_seed(seed)
-    levels = resolutions(real.shape[-1])
-    result = {}
-    for res, real_level, fake_level in zip(levels, laplacian_pyramid(real, len(levels)),
-                                           laplacian_pyramid(fake, len(levels))):
-        a = descriptors(real_level, PATCHES_PER_IMAGE, generator)
-        b = descriptors(fake_level, PATCHES_PER_IMAGE, generator)
-        result[f"SWD_{res}"] = 1e3 * sliced_wasserstein(a, b, generator)
-    result["SWD"] = sum(result.values()) / len(levels)
-    return result
+    "SWD": their mean}. Deterministic in `seed`: per level, the real set's neighbourhoods are drawn, then the fake
+    set's, then the directions."""
+    return SlicedWasserstein(real, seed)(fake)

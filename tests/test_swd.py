@@ -63,11 +63,11 @@ def test_sliced_wasserstein_in_one_dimension_is_w1():
     # a unit direction in 1-D is +1 or -1; W1 pairs the sorted values either way: (0, 0), (1, 1), (2, 5)
     a = torch.tensor([[0.0], [1.0], [2.0]], dtype=torch.float64)
     b = torch.tensor([[5.0], [1.0], [0.0]], dtype=torch.float64)
-    generator = torch.Generator().manual_seed(0)
-    assert swd.sliced_wasserstein(a, b, generator) == pytest.approx(1.0)
-    assert swd.sliced_wasserstein(a, a + 3, generator) == pytest.approx(3.0)
+    projections = swd.SortedProjections(a, torch.Generator().manual_seed(0))
+    assert projections.distance(b) == pytest.approx(1.0)
+    assert projections.distance(a + 3) == pytest.approx(3.0)
     with pytest.raises(ValueError, match="same shape"):
-        swd.sliced_wasserstein(a, b[:2], generator)
+        projections.distance(b[:2])
 
 
 def test_sliced_wasserstein_of_a_translation_is_the_mean_projected_shift():
@@ -75,7 +75,7 @@ def test_sliced_wasserstein_of_a_translation_is_the_mean_projected_shift():
     # the circle E|cos| = 2 / pi, and 512 directions average to within a few percent of |v| 2 / pi
     a = torch.randn(500, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     v = torch.tensor([3.0, 4.0], dtype=torch.float64)
-    found = swd.sliced_wasserstein(a, a + v, torch.Generator().manual_seed(2))
+    found = swd.SortedProjections(a, torch.Generator().manual_seed(2)).distance(a + v)
     assert found == pytest.approx(5 * 2 / math.pi, rel=0.06)
 
 
@@ -96,6 +96,38 @@ def test_swd_ranks_blurred_images_far_and_ignores_a_colour_shift():
         assert value == pytest.approx(same_kind[key], rel=1e-4)
     with pytest.raises(UserError, match="same shape"):
         swd.swd(real, other[:10])
+
+
+def test_the_real_side_computed_once_draws_as_one_pass_over_both_sets():
+    # the straightforward order, per level: the real set's neighbourhoods, the fake set's, then 4 x 128 directions
+    def one_pass(real, fake, seed):
+        generator = torch.Generator().manual_seed(seed)
+        levels = swd.resolutions(real.shape[-1])
+        found = {}
+        for res, real_level, fake_level in zip(levels, swd.laplacian_pyramid(real, len(levels)),
+                                               swd.laplacian_pyramid(fake, len(levels))):
+            a = swd.descriptors(real_level, swd.PATCHES_PER_IMAGE, generator)
+            b = swd.descriptors(fake_level, swd.PATCHES_PER_IMAGE, generator)
+            distances = []
+            for _ in range(swd.REPEATS):
+                dirs = torch.randn(a.shape[1], swd.DIRECTIONS, generator=generator, dtype=a.dtype)
+                dirs = dirs / dirs.norm(dim=0, keepdim=True)
+                distances.append((torch.sort(a @ dirs, dim=0).values - torch.sort(b @ dirs, dim=0).values).abs().mean())
+            found[f"SWD_{res}"] = 1e3 * float(torch.stack(distances).mean())
+        return found
+
+    generator = torch.Generator().manual_seed(6)
+    real, first, second = (torch.randint(0, 256, (12, 3, 32, 32), generator=generator, dtype=torch.uint8)
+                           for _ in "abc")
+    against_real = swd.SlicedWasserstein(real, seed=7)
+    for fake in (first, second, first):
+        found, expected = against_real(fake), one_pass(real, fake, 7)
+        assert list(found) == ["SWD_32", "SWD_16", "SWD"]
+        for key in expected:
+            assert found[key] == pytest.approx(expected[key], rel=1e-12)
+    assert against_real(first) == swd.swd(real, first, seed=7)
+    with pytest.raises(UserError, match="same shape"):
+        against_real(first[:5])
 
 
 class MeanColour:
