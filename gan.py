@@ -72,7 +72,7 @@ class Config:
     latent_dim: int = option(100, "size of z ~ N(0, I) (DCGAN: 100)", low=1)
     # Half DCGAN's width: a quarter of the multiply-adds, and on the flowers at 24x24 ahead by FD_eval at every
     # training CPU time measured up to 40 minutes (docs/results.md, "Half the width"); by SWD a G of DCGAN's width
-    # (--ngf 64) is ahead there from 15 minutes on and keeps improving to 35 (docs/results.md, "The 24x24 plateau")
+    # (--ngf 64) is ahead there from 15 minutes on, near the floor at 35 (docs/results.md, "The 24x24 plateau")
     ngf: int = option(32, "channels of G's last hidden layer, doubled at each smaller size (DCGAN: 64)", low=1)
     ndf: int = option(32, "channels of D's first layer, doubled at each smaller size (DCGAN: 64)", low=1)
     loss: str = option("nonsaturating", "nonsaturating (Goodfellow et al. 2014) or hinge (Lim & Ye 2017)",
