@@ -76,7 +76,7 @@ def require_size(shape):
                                "or drop --swd")
 
 
-def corners(shape, per_image, generator):
+def centres(shape, per_image, generator):
     """The centres (ys, xs) of `per_image` random PATCH x PATCH neighbourhoods of each image of `shape` (B, C, H, W),
     wholly inside it: (B, per_image, 1, 1, 1) each."""
     require_size(shape)
@@ -90,7 +90,7 @@ def corners(shape, per_image, generator):
 def patches(level, per_image, generator):
     """`per_image` random PATCH x PATCH neighbourhoods of each image, wholly inside it: (B, C, H, W) ->
     (B per_image, C, PATCH, PATCH)."""
-    ys, xs = corners(level.shape, per_image, generator)
+    ys, xs = centres(level.shape, per_image, generator)
     b, c = level.shape[:2]
     offsets = torch.arange(-(PATCH // 2), PATCH // 2 + 1)
     image = torch.arange(b)[:, None, None, None, None]
@@ -146,7 +146,7 @@ class SlicedWasserstein:
         for level in laplacian_pyramid(real, len(self.resolutions)):
             real_descriptors = descriptors(level, PATCHES_PER_IMAGE, generator)
             state = generator.get_state()
-            corners(level.shape, PATCHES_PER_IMAGE, generator)   # the other set's draws come here, as in swd()
+            centres(level.shape, PATCHES_PER_IMAGE, generator)   # the other set's draws come here, as in swd()
             self.levels.append((state, SortedProjections(real_descriptors, generator)))
 
     def __call__(self, fake):
