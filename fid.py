@@ -248,8 +248,6 @@ class SampleQuality:
     def __init__(self, extractors, real_images, real_labels, n_samples=None, seed=0, sample_kwargs=None,
                  segmenter=None, sliced_wasserstein=False):
         self.extractors, self.real_labels, self.seed, self.segmenter = extractors, real_labels, seed, segmenter
-        if sliced_wasserstein:
-            swd.require_size(real_images.shape)
         self.n_samples = n_samples or len(real_images)
         require_two(len(real_images), "the real image set (the validation split)")   # before any features
         require_two(self.n_samples, "the generated set (--fid-samples)")
