@@ -65,15 +65,21 @@ TRAIN_DEFAULTS = dict(epochs=500, lr=2e-4, adam_beta1=0.5, batch_size=16, patien
 LOSSES = ("nonsaturating", "hinge")
 LECAM_DECAY = 0.99   # of LeCam's anchors, as Tseng et al.'s code
 D_WON = 0.99   # D(x) above this and D(G(z)) below 1 - this: D tells every image apart
+WIDE_G, WIDE_G_UP_TO, NARROW_G = 64, 24, 32   # --ngf 0: G's width for images up to 24x24, and for larger ones
 
 
 @dataclass
 class Config:
     latent_dim: int = option(100, "size of z ~ N(0, I) (DCGAN: 100)", low=1)
-    # Half DCGAN's width: a quarter of the multiply-adds, and on the flowers at 24x24 ahead by FD_eval at every
-    # training CPU time measured up to 40 minutes (docs/results.md, "Half the width"); by SWD a G of DCGAN's width
-    # (--ngf 64) is ahead there from 15 minutes on, near the floor at 35 (docs/results.md, "The 24x24 plateau")
-    ngf: int = option(32, "channels of G's last hidden layer, doubled at each smaller size (DCGAN: 64)", low=1)
+    # G's width by image size, as guided-diffusion picks its channel multipliers by resolution. Up to 24x24 DCGAN's
+    # 64: on the flowers at 24x24 half of it holds an SWD plateau from 15 training CPU-minutes on, which 64 gets
+    # below on three training seeds of four (the fourth drifts: D memorises), at up to twice the CPU time an epoch and
+    # FD_eval 0.18 to 0.33 at 7 minutes (docs/results.md, "The 24x24 plateau"). Above, half DCGAN's width: at 32x32
+    # it reaches the SWD floor where 64 is behind. D at half width everywhere: a quarter of the multiply-adds, ahead
+    # by FD_eval at 24x24 up to 40 minutes (docs/results.md, "Half the width"), and DCGAN's width for both is
+    # behind by SWD.
+    ngf: int = option(0, "channels of G's last hidden layer, doubled at each smaller size (DCGAN: 64); 0: by "
+                         f"image size, {WIDE_G} up to {WIDE_G_UP_TO}x{WIDE_G_UP_TO}, {NARROW_G} above", low=0)
     ndf: int = option(32, "channels of D's first layer, doubled at each smaller size (DCGAN: 64)", low=1)
     loss: str = option("nonsaturating", "nonsaturating (Goodfellow et al. 2014) or hinge (Lim & Ye 2017)",
                        choices=LOSSES)
@@ -133,6 +139,11 @@ def size_plan(size):
     return s0, k
 
 
+def generator_width(config, size):
+    """--ngf, or for --ngf 0 the width by image size (Config's comment says why)."""
+    return config.ngf or (WIDE_G if size <= WIDE_G_UP_TO else NARROW_G)
+
+
 def attention_sizes(size):
     """The feature-map sizes --attention may name: those G's up-sampling blocks make before the image, which D's
     down-sampling blocks make too (24 -> 6, 12; 28 -> 14; 32 -> 8, 16; 64 -> 8, 16, 32)."""
@@ -187,7 +198,7 @@ class Generator(nn.Module):
     def __init__(self, config, channels, size, num_classes):
         super().__init__()
         s0, k = size_plan(size)
-        c = config.ngf * 2 ** (k - 1)
+        c = generator_width(config, size) * 2 ** (k - 1)
         self.label_emb = nn.Embedding(num_classes, config.latent_dim) if num_classes else None
         z_dim = config.latent_dim * (2 if num_classes else 1)
         layers = [nn.ConvTranspose2d(z_dim, c, s0, 1, 0, bias=False), nn.BatchNorm2d(c), nn.ReLU(True)]
