@@ -198,14 +198,15 @@ class Generator(nn.Module):
     def __init__(self, config, channels, size, num_classes):
         super().__init__()
         s0, k = size_plan(size)
-        c = generator_width(config, size) * 2 ** (k - 1)
+        width = generator_width(config, size)   # --ngf, or by image size
+        c = width * 2 ** (k - 1)
         self.label_emb = nn.Embedding(num_classes, config.latent_dim) if num_classes else None
         z_dim = config.latent_dim * (2 if num_classes else 1)
         layers = [nn.ConvTranspose2d(z_dim, c, s0, 1, 0, bias=False), nn.BatchNorm2d(c), nn.ReLU(True)]
-        # state size. (ngf * 2^(k-1)) x s0 x s0
+        # state size. (width * 2^(k-1)) x s0 x s0
         for i in range(1, k):
             layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU(True)]
-            c //= 2   # state size. c x 2s x 2s: ... ngf x S/2 x S/2
+            c //= 2   # state size. c x 2s x 2s: ... width x S/2 x S/2
             layers += attention_at(config, s0 * 2 ** i, c)
         layers += [nn.ConvTranspose2d(c, channels, 4, 2, 1, bias=False), nn.Tanh()]
         # state size. C x S x S
