@@ -13,7 +13,8 @@ regenerates what:
                                                        how docs' results tables are regenerated from saved runs
     python report.py RUN ... --table --at-minutes 5 10 20   and the sample-quality metric logged during training at
                                                        those minutes of training CPU time (measurements excluded);
-                                                       --at-epochs 10 20: at those epochs
+                                                       --at-epochs 10 20: at those epochs; --window 2.5: also the
+                                                       mean of its readings within 2.5 minutes of each mark
     python report.py RUN@sampler=ddim,steps=20 ... --quality   a table of sample quality, a row per RUN@OPTIONS:
                                                        what random_generation.py --fid prints with those sampler flags
                                                        (a run name is its Best_<run>.pth here)
@@ -38,7 +39,7 @@ import visualization   # its pictures of one model; it also selects matplotlib's
 from common import UserError
 from registry import checkpoint_data
 from report_tables import (evaluators_table, load_runs, marks_table, parse_spec, quality_metrics, quality_table,
-                           runs_table)
+                           runs_table, window_table)
 
 import matplotlib.pyplot as plt   # noqa: E402 (after visualization chose the backend)
 
@@ -225,6 +226,9 @@ def main(argv=None):
     parser.add_argument("--at-minutes", type=common.checked(float, 0), nargs="+", default=None,
                         help="with --table: also the sample-quality metric logged during training at these minutes "
                              "of training CPU time")
+    parser.add_argument("--window", type=common.checked(float, 0), default=None, metavar="MINUTES",
+                        help="with --at-minutes: also the mean of each sample-quality metric's readings (FID or "
+                             "FD_eval, and SWD) within this many minutes of each mark")
     parser.add_argument("--at-epochs", type=common.checked(int, 1), nargs="+", default=None,
                         help="with --table: also the sample-quality metric logged during training at these epochs")
     parser.add_argument("--quality", action="store_true", help="print only a table of sample quality, a row per "
@@ -253,6 +257,8 @@ def main(argv=None):
         raise UserError("name at least one run (a run name of --models-dir or a checkpoint path), or pass --evaluators")
     if (args.at_minutes or args.at_epochs) and not args.table:
         raise UserError("--at-minutes and --at-epochs add to the table of runs: pass them with --table")
+    if args.window is not None and not args.at_minutes:
+        raise UserError("--window averages the readings around the marks of --at-minutes: pass it with --at-minutes")
     if args.quality:
         print("\n".join(quality_table(args.runs, args, device)))
         return
@@ -264,6 +270,8 @@ def main(argv=None):
         rows, notes = runs_table(runs)
         if args.at_minutes:
             rows += [""] + marks_table(runs, args.at_minutes, "min")
+        if args.window is not None:
+            rows += [""] + window_table(runs, args.at_minutes, args.window)
         if args.at_epochs:
             rows += [""] + marks_table(runs, args.at_epochs, "epoch")
         print("\n".join(rows + [""] * bool(notes) + [f"- {n}" for n in notes]))

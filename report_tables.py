@@ -198,6 +198,25 @@ def marks_table(runs, marks, unit="min"):
     return rows
 
 
+def window_table(runs, marks, half):
+    """Markdown rows: per run and sample-quality metric logged during training (FID or FD_eval, and SWD), the mean of
+    its readings within `half` minutes of training CPU time of each mark (placed as training_minutes places them):
+    single readings move with the samples drawn, their mean over a window less."""
+    rows = [f"| run | metric (mean within {half:g} min) | " + " | ".join(f"{m:g} min" for m in marks) + " |",
+            "|---|---|" + "---|" * len(marks)]
+    for run in runs:
+        if total(run.history, "cpu_seconds") is None:
+            continue
+        for metric in (k for k in quality_metrics([run]) if k in ("FID", "FD_eval", "SWD")):
+            points = training_minutes(run.history, metric)
+            cells = []
+            for mark in marks:
+                near = [r[metric] for at, r in points if abs(at - mark) <= half]
+                cells.append(f"{sum(near) / len(near):.3g}" if near else "-")
+            rows.append(f"| {run.name} | {metric} | " + " | ".join(cells) + " |")
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Sample quality with given sampler options (--quality)
 # ----------------------------------------------------------------------------------------------

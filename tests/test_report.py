@@ -110,6 +110,23 @@ def test_training_minutes_leave_out_the_measurements_cost():
     assert [m for m, _ in given] == [2.5, 5.0]
 
 
+def test_window_table_by_hand():
+    # odd epochs 60 s, even ones 90 s with a reading (a cost of 30 s): readings at 2, 4, 6 and 8 training minutes
+    history = [dict(epoch=e, cpu_seconds=60.0) if e % 2 else dict(epoch=e, cpu_seconds=90.0, FD_eval=float(e),
+                                                                  SWD=10.0 * e)
+               for e in range(1, 9)]
+    run = report_tables.Run("G", None, None, dict(history=history))
+    rows = report_tables.window_table([run], [3, 5, 8, 12], 1.5)
+    # within 1.5 minutes of 3: the readings at 2 and 4 (epochs 2, 4); of 5: 4 and 6; of 8: 8 alone; of 12: none
+    assert rows[2] == "| G | FD_eval | 3 | 5 | 8 | - |"
+    assert rows[3] == "| G | SWD | 30 | 50 | 80 | - |"
+
+
+def test_window_needs_the_marks(tmp_path):
+    result = run_script("report.py", "A", "--table", "--window", "2.5", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: --window")
+
+
 def test_minutes_table_of_a_run_without_metrics(runs, capsys):
     report.main(["A", "--models-dir", str(runs / "models"), "--table", "--at-minutes", "1", "2"])
     assert "| A | - | - | no sample-quality metric with CPU times |" in capsys.readouterr().out
