@@ -71,15 +71,14 @@ WIDE_G, WIDE_G_UP_TO, NARROW_G = 64, 24, 32   # --ngf 0: G's width for images up
 @dataclass
 class Config:
     latent_dim: int = option(100, "size of z ~ N(0, I) (DCGAN: 100)", low=1)
-    # G's width by image size, as guided-diffusion picks its channel multipliers by resolution. Up to 24x24 DCGAN's
-    # 64: on the flowers at 24x24 half of it holds an SWD plateau from 15 training CPU-minutes on, which 64 gets
-    # below on three training seeds of four (the fourth drifts: D memorises), at up to twice the CPU time an epoch and
-    # FD_eval 0.18 to 0.33 at 7 minutes (docs/results.md, "The 24x24 plateau"). Above, half DCGAN's width: at 32x32
-    # it reaches the SWD floor where 64 is behind. D at half width everywhere: a quarter of the multiply-adds, ahead
-    # by FD_eval at 24x24 up to 40 minutes (docs/results.md, "Half the width"), and DCGAN's width for both is
-    # behind by SWD.
-    ngf: int = option(0, "channels of G's last hidden layer, doubled at each smaller size (DCGAN: 64); 0: by "
-                         f"image size, {WIDE_G} up to {WIDE_G_UP_TO}x{WIDE_G_UP_TO}, {NARROW_G} above", low=0)
+    # Half DCGAN's width: a quarter of the multiply-adds, and on the flowers at 24x24 ahead by FD_eval at every
+    # training CPU time up to 40 minutes (docs/results.md, "Half the width"). --ngf 0 picks DCGAN's 64 up to 24x24:
+    # on an Intel Xeon with AMX it got below half width's SWD plateau on three training seeds of four at FD_eval
+    # 0.18 to 0.33 at 7 minutes, but on an AVX2 machine, where an epoch costs 1.5 times half width's, it missed
+    # FD_eval 0.57 at 7 minutes on two seeds of two that half width met (docs/results.md, "The 24x24 plateau" and
+    # "G's width on an AVX2 machine").
+    ngf: int = option(32, "channels of G's last hidden layer, doubled at each smaller size (DCGAN: 64); 0: by "
+                          f"image size, {WIDE_G} up to {WIDE_G_UP_TO}x{WIDE_G_UP_TO}, {NARROW_G} above", low=0)
     ndf: int = option(32, "channels of D's first layer, doubled at each smaller size (DCGAN: 64)", low=1)
     loss: str = option("nonsaturating", "nonsaturating (Goodfellow et al. 2014) or hinge (Lim & Ye 2017)",
                        choices=LOSSES)
@@ -140,7 +139,7 @@ def size_plan(size):
 
 
 def generator_width(config, size):
-    """--ngf, or for --ngf 0 the width by image size (Config's comment says why)."""
+    """--ngf, or for --ngf 0 the width by image size (Config's comment says when it pays)."""
     return config.ngf or (WIDE_G if size <= WIDE_G_UP_TO else NARROW_G)
 
 

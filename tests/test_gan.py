@@ -58,8 +58,8 @@ def test_unsupported_sizes_and_settings_are_one_line_errors():
 
 
 def test_g_width_follows_the_image_size_unless_ngf_is_given():
-    assert gan.Config().ngf == 0   # the default: by image size
-    for size, width in [(16, 64), (24, 64), (28, 32), (32, 32), (64, 32)]:   # DCGAN's 64 up to 24x24, 32 above
+    assert gan.Config().ngf == 32   # the default: half DCGAN's width at every size
+    for size, width in [(16, 64), (24, 64), (28, 32), (32, 32), (64, 32)]:   # --ngf 0: 64 up to 24x24, 32 above
         _, k = gan.size_plan(size)
         net = build((3, size, size), ngf=0).generator.net
         assert (net[0].out_channels, net[-2].in_channels) == (width * 2 ** (k - 1), width)   # z -> 2^(k-1) width; last
