@@ -32,7 +32,8 @@ named after its paper:
 
 GAN losses say little about sample quality, so `selects_by_sample_quality`: Best and early stopping
 follow FID when pytorch-fid's Inception weights are present, else FD_eval of the offline evaluator
-(fid.py), every 2 epochs by default. Training stops with an error when a loss becomes NaN or D wins
+(fid.py), every 2 epochs by default; `--swd --select-by swd` follows SWD instead, which still ranks samples
+where FD_eval has reached its floor. Training stops with an error when a loss becomes NaN or D wins
 completely for --divergence-steps steps in a row; Best is left as it was.
 
     python fid.py train-evaluator --data ./flowers      # once, for FD_eval when there are no Inception weights

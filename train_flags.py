@@ -103,6 +103,11 @@ def build_parser(model_name=None, add_help=True):
     g.add_argument("--fid-samples", type=checked(int, 0), default=0,
                    help="how many samples to measure (default: 0, as many as validation images)")
     fid.add_metric_flags(g)
+    g.add_argument("--select-by", choices=("fd", "swd"), default="fd",
+                   help="what Best and early stopping follow in models that select by sample quality (the GAN): fd, "
+                        "the Fréchet distance of the first --fid-features (FID or FD_eval); swd, the sliced "
+                        "Wasserstein distance (needs --swd), which still ranks samples past FD_eval's floor "
+                        "(default: fd)")
     parser.set_defaults(**module.TRAIN_DEFAULTS)   # a model may also default the metric flags (--fid-features)
     common.add_config_flags(parser, module.Config, f"{model_name} options (from {module.__name__}.py)")
     return parser
@@ -120,6 +125,11 @@ def parse_args(argv=None):
         parser.set_defaults(**config_file.parser_values(parser, from_file, known.config))
     args = parser.parse_args(argv)
     args.run_name = args.run_name or args.model
+    if args.select_by != "fd" and not MODELS[args.model].Model.selects_by_sample_quality:
+        raise UserError(f"--select-by {args.select_by}: the {args.model} model chooses Best on its val_loss; drop "
+                        "--select-by (it applies to models that select by sample quality, as the GAN)")
+    if args.select_by == "swd" and not args.swd:
+        raise UserError("--select-by swd chooses Best on SWD, which is measured with --swd: add --swd")
     if args.resume and args.overwrite:
         raise UserError("--resume continues a run and --overwrite replaces it; pass one of them")
     return args

@@ -27,10 +27,12 @@ import train_flags
 from common import TrainingDiverged, UserError
 from registry import MODELS, build_model
 
-# What --resume may change; every other flag comes back from the checkpoint.
+# What --resume may change; every other flag comes back from the checkpoint. Of these, the run's own settings come
+# back too unless given again; the flags that name and find the run are this command's.
 CHANGEABLE_ON_RESUME = {"epochs", "patience", "device", "resume", "overwrite", "model", "run_name", "models_dir",
                         "log_dir", "compile", "grad_accum",
                         "config"}
+FINDING_THE_RUN = {"resume", "overwrite", "model", "run_name", "models_dir", "config"}
 
 
 def resolve_condition(requested, data):
@@ -132,10 +134,12 @@ def resume_settings(args, ckpt, argv):
     saved = {**ckpt["train_args"], **ckpt["config"]}
     in_file = config_file.read(args.config) if args.config else {}
     for key, value in saved.items():
-        if key in CHANGEABLE_ON_RESUME:
-            continue
         flag = "--" + key.replace("_", "-")
         on_command_line = any(a == flag or a.startswith(flag + "=") for a in argv)
+        if key in CHANGEABLE_ON_RESUME:   # e.g. --patience 100 stays 100 unless given again, never the default
+            if not (on_command_line or key in in_file or key in FINDING_THE_RUN):
+                setattr(args, key, value)
+            continue
         current = getattr(args, key, None)
         current = list(current) if isinstance(current, tuple) else current
         value = list(value) if isinstance(value, tuple) else value
@@ -294,7 +298,9 @@ def train_run(args, argv, process, device, settings=None):
     if model.selects_by_sample_quality and not by_quality and process.main:
         print(f"# note: {args.model} has no meaningful val_loss; pass --fid-every N to choose Best by sample quality",
               flush=True)
-    selection = quality.metric if by_quality and quality is not None else "val_loss"
+    selection = "val_loss"
+    if by_quality and quality is not None:
+        selection = "SWD" if args.select_by == "swd" else quality.metric
 
     writer = None
     if process.main:

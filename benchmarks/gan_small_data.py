@@ -1,5 +1,5 @@
-"""Sample quality against training CPU time, from the history of train_script.py runs (docs/results.md, "GAN on
-small data").
+"""Sample quality of GAN runs: against training CPU time from the history of train_script.py runs, and over sample
+sets beside the floor of real images (docs/results.md, "GAN on small data").
 
     flock /tmp/genlab_cpu.lock python benchmarks/gan_small_data.py metric-cost models/Last_GAN.pth --evaluator E [--swd]
     python benchmarks/gan_small_data.py curves models/Last_GAN.pth:1.2 models/Last_diffusion.pth:300 --out fd.png
@@ -11,6 +11,14 @@ report_tables.training_minutes), each epoch's training CPU time is its `cpu_seco
 measured; prints the metrics of the last measurement at or before each --minutes mark, with D's mean output on
 training and validation images there, and plots FD_eval against training CPU minutes. The same table, as
 Markdown: `python report.py RUN ... --table --at-minutes 5 7 10 20`.
+
+    flock /tmp/genlab_cpu.lock python benchmarks/gan_small_data.py sample-sets models/A.pth models/B.pth --evaluator E
+
+`sample-sets`: each checkpoint's FD_eval and SWD over sample seeds S (--seeds, 0 to 9), each as `random_generation.py
+--fid --swd --seed S` measures it, beside the floor of the same seed (as many training images as validation images,
+drawn by randperm with seed S, against the validation images, SWD's patches and directions drawn with seed S): the
+mean and its standard error, and the paired differences to the floor and to the checkpoint before it in the list.
+One sample set moves SWD by 2 to 4 units; the paired means over ten tell checkpoints apart to about one unit.
 """
 import argparse
 import statistics
@@ -24,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import fid  # noqa: E402
 import registry  # noqa: E402
+import swd  # noqa: E402
 from report_tables import training_minutes  # noqa: E402
 
 
@@ -76,6 +85,42 @@ def curves(args):
         print(f"wrote {args.out}")
 
 
+def mean_and_error(values):
+    return f"{statistics.mean(values):.3g} ± {statistics.stdev(values) / len(values) ** 0.5:.2g}"
+
+
+def sample_sets(args):
+    extractor = fid.make_extractor("evaluator", None, args.evaluator, "cpu")
+    readings, floors = {}, {}   # path -> {seed: (FD_eval, SWD)}; the floor's likewise
+    for path in args.checkpoints:
+        model, ckpt = registry.load_model(path)
+        data, train_idx, val_idx = registry.checkpoint_data(ckpt)
+        real, conditions = data.images[val_idx], data.conditions(model.condition or "class")[0][val_idx]
+        readings[path] = {}
+        for seed in args.seeds:
+            metrics = fid.SampleQuality([extractor], real, conditions, seed=seed, sliced_wasserstein=True)(model)
+            readings[path][seed] = metrics["FD_eval"], metrics["SWD"]
+            if seed not in floors:   # real images against real ones, drawn and projected with the same seed
+                pick = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))]
+                train = data.images[pick[:len(val_idx)]]
+                features = [extractor(images, cache=False) for images in (train, real)]
+                floors[seed] = fid.feature_distances(extractor, *features)["FD_eval"], swd.swd(real, train, seed)["SWD"]
+            print(f"{path} seed {seed}: FD_eval {readings[path][seed][0]:.5g} SWD {readings[path][seed][1]:.5g} "
+                  f"(floor: FD_eval {floors[seed][0]:.5g} SWD {floors[seed][1]:.5g})", flush=True)
+    print(f"\nmean ± standard error over sample seeds {' '.join(map(str, args.seeds))}")
+    for i, name in enumerate(("FD_eval", "SWD")):
+        print(f"floor {name}: {mean_and_error([floors[s][i] for s in args.seeds])}")
+        previous = None
+        for path, values in readings.items():
+            line = (f"{path} {name}: {mean_and_error([values[s][i] for s in args.seeds])}; minus the floor "
+                    f"{mean_and_error([values[s][i] - floors[s][i] for s in args.seeds])}")
+            if previous is not None:
+                differences = [values[s][i] - readings[previous][s][i] for s in args.seeds]
+                line += f"; minus {previous} {mean_and_error(differences)}"
+            print(line)
+            previous = path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,9 +135,15 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, nargs="+", default=[5, 10, 20])
     p.add_argument("--out", default=None, help="PNG of FD_eval against training CPU minutes")
     p.add_argument("--title", default="")
+    p = sub.add_parser("sample-sets", help="FD_eval and SWD over sample seeds, beside the floor of each")
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--evaluator", required=True, help="the evaluator the runs measured with")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     args = parser.parse_args(argv)
+    if args.command == "sample-sets" and len(args.seeds) < 2:
+        parser.error("--seeds: give at least two, for a standard error")
     torch.manual_seed(0)
-    (metric_cost if args.command == "metric-cost" else curves)(args)
+    {"metric-cost": metric_cost, "curves": curves, "sample-sets": sample_sets}[args.command](args)
 
 
 if __name__ == "__main__":

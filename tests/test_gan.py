@@ -221,6 +221,35 @@ def test_a_diverged_run_exits_non_zero_and_keeps_best(tmp_path, monkeypatch, cap
     assert (best.read_bytes(), last.read_bytes()) == saved
 
 
+@pytest.mark.parametrize("select_by, best_epoch, epochs_run", [("fd", 4, 4), ("swd", 1, 3)])
+def test_select_by_chooses_best_and_early_stops_on_that_metric(tmp_path, monkeypatch, select_by, best_epoch,
+                                                               epochs_run):
+    data = image_data.make_shapes(n=120, image_size=8)
+    evaluator = tmp_path / "models" / "Evaluator_shapes_8.pth"
+    net, accuracy = fid.train_evaluator(data, log=lambda line: None)
+    fid.save_evaluator(net, data, accuracy, 0, evaluator)
+    monkeypatch.setattr(image_data, "make_shapes", lambda **kwargs: data)
+    # FD_eval falls at every measurement while SWD rises: the two metrics disagree on the best epoch
+    readings = iter([{"FD_eval": 4.0 - e, "KID_eval": 0.0, "SWD": 20.0 + e} for e in range(4)])
+    monkeypatch.setattr(fid.SampleQuality, "__call__", lambda self, model, device="cpu": next(readings))
+    train_script.train(["--model", "GAN", "--image-size", "8", "--batch-size", "64", "--ngf", "4", "--ndf", "4",
+                        "--epochs", "4", "--patience", "2", "--fid-every", "1", "--fid-features", "evaluator", "--swd",
+                        "--select-by", select_by, "--models-dir", str(tmp_path / "models"),
+                        "--log-dir", str(tmp_path / "log")])
+    best = common.load_checkpoint(tmp_path / "models" / "Best_GAN.pth")
+    last = common.load_checkpoint(tmp_path / "models" / "Last_GAN.pth")
+    assert (best["epoch"], last["epoch"]) == (best_epoch, epochs_run)   # SWD: no new best at epochs 2, 3: stop
+    assert best["best_metric"] == {"fd": 4.0 - best_epoch + 1, "swd": 20.0 + best_epoch - 1}[select_by]
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--model", "GAN", "--select-by", "swd"], "--select-by swd chooses Best on SWD, which is measured with --swd"),
+    (["--model", "VAE", "--select-by", "swd", "--swd"], "the VAE model chooses Best on its val_loss")])
+def test_select_by_swd_without_swd_or_for_a_loss_selected_model_is_a_one_line_error(argv, problem):
+    with pytest.raises(UserError, match=problem):
+        train_flags.parse_args(argv)
+
+
 def test_cli_end_to_end_on_the_bundled_data(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))   # no Inception weights: the default metric is FD_eval
     tiny = ["--image-size", "12", "--epochs", "2", "--batch-size", "128", "--ngf", "8", "--ndf", "8"]   # conditional by default
@@ -239,6 +268,13 @@ def test_cli_end_to_end_on_the_bundled_data(tmp_path, monkeypatch):
     last = result.stdout.strip().splitlines()[-2]   # the last is the memorisation check; measured as in training: FD_eval, with the class accuracy
     assert last.startswith("FD_eval ") and "accuracy_eval" in last and " SWD " in last
     assert "600 samples vs the 600" in last
+    # The benchmark's sample sets measure as random_generation.py --seed S does
+    result = run_script("benchmarks/gan_small_data.py", "sample-sets", "models/Best_GAN.pth",
+                        "--evaluator", "models/Evaluator_shapes_12.pth", "--seeds", "0", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    fd, swd_value = last.split()[1], last.split()[last.split().index("SWD") + 1]
+    assert f"models/Best_GAN.pth seed 0: FD_eval {fd} SWD {swd_value} (floor: " in result.stdout
+    assert "minus the floor" in result.stdout
 
 
 # -- DiffAugment (diffaugment.py) ------------------------------------------------------------------------------

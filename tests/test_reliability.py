@@ -64,6 +64,17 @@ def test_ctrl_c_keeps_the_last_finished_epoch_so_resume_is_exact(tmp_path, tiny_
         assert torch.equal(a, b), key
 
 
+def test_resume_keeps_the_runs_epochs_and_patience_unless_given_again(tmp_path, tiny_data):
+    last = tmp_path / "models" / "Last_MLPAE.pth"
+    train(tmp_path, tiny_data, "--model", "MLPAE", "--epochs", "2", "--patience", "9")
+    train(tmp_path, tiny_data, "--model", "MLPAE", "--epochs", "3", "--resume")   # --patience 9, not the default
+    saved = torch.load(last, weights_only=False)
+    assert (saved["epoch"], saved["train_args"]["epochs"], saved["train_args"]["patience"]) == (3, 3, 9)
+    train(tmp_path, tiny_data, "--model", "MLPAE", "--resume")   # --epochs 3 again: nothing left to train
+    saved = torch.load(last, weights_only=False)
+    assert (saved["epoch"], saved["train_args"]["epochs"], saved["train_args"]["patience"]) == (3, 3, 9)
+
+
 def test_ctrl_c_during_start_up_is_one_line_and_status_130(monkeypatch, capsys):
     def start_up():
         raise KeyboardInterrupt
