@@ -91,9 +91,17 @@ def mean_and_error(values):
 
 def sample_sets(args):
     extractor = fid.make_extractor("evaluator", None, args.evaluator, "cpu")
+    loaded = {path: registry.load_model(path) for path in args.checkpoints}
+    trained_on = {path: (ckpt["train_args"]["data"], tuple(ckpt["image_shape"]), ckpt["train_args"]["seed"])
+                  for path, (_, ckpt) in loaded.items()}
+    first = args.checkpoints[0]
+    for path, on in trained_on.items():   # one floor for all: the same data, size and split
+        if on != trained_on[first]:
+            print(f"error: {path} was trained on {on} (data, shape, split seed), {first} on {trained_on[first]}: "
+                  "measure checkpoints of one data set and size together", file=sys.stderr)
+            sys.exit(2)
     readings, floors = {}, {}   # path -> {seed: (FD_eval, SWD)}; the floor's likewise
-    for path in args.checkpoints:
-        model, ckpt = registry.load_model(path)
+    for path, (model, ckpt) in loaded.items():
         data, train_idx, val_idx = registry.checkpoint_data(ckpt)
         real, conditions = data.images[val_idx], data.conditions(model.condition or "class")[0][val_idx]
         readings[path] = {}
