@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import fid  # noqa: E402
 import registry  # noqa: E402
-import swd  # noqa: E402
 from report_tables import training_minutes  # noqa: E402
 
 
@@ -100,19 +99,27 @@ def sample_sets(args):
             print(f"error: {path} was trained on {on} (data, shape, split seed), {first} on {trained_on[first]}: "
                   "measure checkpoints of one data set and size together", file=sys.stderr)
             sys.exit(2)
+    data, train_idx, val_idx = registry.checkpoint_data(loaded[first][1])
+    real = data.images[val_idx]
+    # One SampleQuality per condition kind and seed, shared by the checkpoints: the real side computed once
+    qualities = {}
     readings, floors = {}, {}   # path -> {seed: (FD_eval, SWD)}; the floor's likewise
-    for path, (model, ckpt) in loaded.items():
-        data, train_idx, val_idx = registry.checkpoint_data(ckpt)
-        real, conditions = data.images[val_idx], data.conditions(model.condition or "class")[0][val_idx]
+    for path, (model, _) in loaded.items():
+        condition = model.condition or "class"
         readings[path] = {}
         for seed in args.seeds:
-            metrics = fid.SampleQuality([extractor], real, conditions, seed=seed, sliced_wasserstein=True)(model)
+            if (condition, seed) not in qualities:
+                conditions = data.conditions(condition)[0][val_idx]
+                qualities[condition, seed] = fid.SampleQuality([extractor], real, conditions, seed=seed,
+                                                               sliced_wasserstein=True)
+            quality = qualities[condition, seed]
+            metrics = quality(model)
             readings[path][seed] = metrics["FD_eval"], metrics["SWD"]
             if seed not in floors:   # real images against real ones, drawn and projected with the same seed
                 pick = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))]
                 train = data.images[pick[:len(val_idx)]]
-                features = [extractor(images, cache=False) for images in (train, real)]
-                floors[seed] = fid.feature_distances(extractor, *features)["FD_eval"], swd.swd(real, train, seed)["SWD"]
+                distances = fid.feature_distances(extractor, extractor(train, cache=False), quality.real[0][1])
+                floors[seed] = distances["FD_eval"], quality.sliced_wasserstein(train)["SWD"]
             print(f"{path} seed {seed}: FD_eval {readings[path][seed][0]:.5g} SWD {readings[path][seed][1]:.5g} "
                   f"(floor: FD_eval {floors[seed][0]:.5g} SWD {floors[seed][1]:.5g})", flush=True)
     print(f"\nmean ± standard error over sample seeds {' '.join(map(str, args.seeds))}")
