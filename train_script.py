@@ -27,12 +27,10 @@ import train_flags
 from common import TrainingDiverged, UserError
 from registry import MODELS, build_model
 
-# What --resume may change; every other flag comes back from the checkpoint. Of these, the run's own settings come
-# back too unless given again; the flags that name and find the run are this command's.
-CHANGEABLE_ON_RESUME = {"epochs", "patience", "device", "resume", "overwrite", "model", "run_name", "models_dir",
-                        "log_dir", "compile", "grad_accum",
-                        "config"}
+# On --resume, the flags that name and find the run are this command's; the run's settings come back from the
+# checkpoint, and of them only CHANGEABLE_ON_RESUME may be given again with another value.
 FINDING_THE_RUN = {"resume", "overwrite", "model", "run_name", "models_dir", "config"}
+CHANGEABLE_ON_RESUME = {"epochs", "patience", "device", "log_dir", "compile", "grad_accum"}
 
 
 def resolve_condition(requested, data):
@@ -134,16 +132,19 @@ def resume_settings(args, ckpt, argv):
     saved = {**ckpt["train_args"], **ckpt["config"]}
     in_file = config_file.read(args.config) if args.config else {}
     for key, value in saved.items():
+        if key in FINDING_THE_RUN:
+            continue
         flag = "--" + key.replace("_", "-")
         on_command_line = any(a == flag or a.startswith(flag + "=") for a in argv)
+        given = on_command_line or key in in_file
         if key in CHANGEABLE_ON_RESUME:   # e.g. --patience 100 stays 100 unless given again, never the default
-            if not (on_command_line or key in in_file or key in FINDING_THE_RUN):
+            if not given:
                 setattr(args, key, value)
             continue
         current = getattr(args, key, None)
         current = list(current) if isinstance(current, tuple) else current
         value = list(value) if isinstance(value, tuple) else value
-        if (on_command_line or key in in_file) and current != value:
+        if given and current != value:
             where = "" if on_command_line else f" (from {args.config})"
             raise UserError(f"--resume continues a run that used {flag} {value}; drop {flag} {current}{where} "
                             "or start a new run with another --run-name")

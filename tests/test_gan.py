@@ -201,12 +201,16 @@ def test_auto_features_are_fid_with_the_inception_weights_else_the_evaluator(tmp
     assert fid.resolve_features(["auto"]) == ["inception"]
 
 
-def test_a_diverged_run_exits_non_zero_and_keeps_best(tmp_path, monkeypatch, capsys):
+def small_shapes_with_an_evaluator(tmp_path, monkeypatch):
+    """The built-in shapes at 8x8, 120 images, and an evaluator trained on them in tmp_path/models."""
     data = image_data.make_shapes(n=120, image_size=8)
-    evaluator = tmp_path / "models" / "Evaluator_shapes_8.pth"
     net, accuracy = fid.train_evaluator(data, log=lambda line: None)   # the defaults: well above chance
-    fid.save_evaluator(net, data, accuracy, 0, evaluator)
+    fid.save_evaluator(net, data, accuracy, 0, tmp_path / "models" / "Evaluator_shapes_8.pth")
     monkeypatch.setattr(image_data, "make_shapes", lambda **kwargs: data)
+
+
+def test_a_diverged_run_exits_non_zero_and_keeps_best(tmp_path, monkeypatch, capsys):
+    small_shapes_with_an_evaluator(tmp_path, monkeypatch)
     argv = ["--model", "GAN", "--image-size", "8", "--batch-size", "32", "--ngf", "4", "--ndf", "4",
             "--fid-every", "1", "--fid-features", "evaluator", "--models-dir", str(tmp_path / "models"),
             "--log-dir", str(tmp_path / "log")]
@@ -224,11 +228,7 @@ def test_a_diverged_run_exits_non_zero_and_keeps_best(tmp_path, monkeypatch, cap
 @pytest.mark.parametrize("select_by, best_epoch, epochs_run", [("fd", 4, 4), ("swd", 1, 3)])
 def test_select_by_chooses_best_and_early_stops_on_that_metric(tmp_path, monkeypatch, select_by, best_epoch,
                                                                epochs_run):
-    data = image_data.make_shapes(n=120, image_size=8)
-    evaluator = tmp_path / "models" / "Evaluator_shapes_8.pth"
-    net, accuracy = fid.train_evaluator(data, log=lambda line: None)
-    fid.save_evaluator(net, data, accuracy, 0, evaluator)
-    monkeypatch.setattr(image_data, "make_shapes", lambda **kwargs: data)
+    small_shapes_with_an_evaluator(tmp_path, monkeypatch)
     # FD_eval falls at every measurement while SWD rises: the two metrics disagree on the best epoch
     readings = iter([{"FD_eval": 4.0 - e, "KID_eval": 0.0, "SWD": 20.0 + e} for e in range(4)])
     monkeypatch.setattr(fid.SampleQuality, "__call__", lambda self, model, device="cpu": next(readings))
